@@ -1,0 +1,196 @@
+"""HarpeGPTModel / HarpeHybridModel and their layer specs.
+
+A HARPE model is megatron-core's own model with two swaps: the RoPE provider
+(:class:`~megatron_harpe.rotary.HarpeRotaryEmbedding`, one base per query group) and, through the
+spec, the self-attention module (:class:`~megatron_harpe.self_attention.HarpeSelfAttention`, which keeps
+per-head frequencies away from fused RoPE kernels). The ``local`` spec also swaps the core attention
+for :class:`~megatron_harpe.attention.SDPAttention` so that the model runs on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_submodules,
+    get_gpt_layer_with_transformer_engine_submodules,
+)
+from megatron.core.models.hybrid.hybrid_block import HybridStack, HybridStackSubmodules
+from megatron.core.models.hybrid.hybrid_model import HybridModel
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.attention import Attention
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from megatron_harpe.attention import SDPAttention
+from megatron_harpe.bases import validate_bases
+from megatron_harpe.rotary import HarpeRotaryEmbedding
+from megatron_harpe.self_attention import HarpeSelfAttention
+
+IMPLS = ("auto", "te", "local")
+
+
+def _have_te() -> bool:
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return HAVE_TE
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> ``te`` when Transformer Engine and a GPU are present, else ``local``."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown layer implementation {impl!r}: choose one of {', '.join(IMPLS)}")
+    if impl == "auto":
+        return "te" if _have_te() and torch.cuda.is_available() else "local"
+    if impl == "te" and not _have_te():
+        raise ValueError("impl='te' needs Transformer Engine, which is not installed: use impl='local' "
+                         "(CPU-capable) or run in NVIDIA's PyTorch container")
+    return impl
+
+
+def _harpe_layer_submodules(impl: str, normalization: str, qk_layernorm: bool) -> TransformerLayerSubmodules:
+    if resolve_impl(impl) == "te":
+        layer = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=qk_layernorm)
+        attention = dataclasses.replace(layer.self_attention, module=HarpeSelfAttention)
+    else:
+        layer = get_gpt_layer_local_submodules(normalization=normalization, qk_layernorm=qk_layernorm)
+        attention = dataclasses.replace(
+            layer.self_attention,
+            module=HarpeSelfAttention,
+            submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention),
+        )
+    return dataclasses.replace(layer, self_attention=attention)
+
+
+def harpe_layer_spec(impl: str = "auto", *, normalization: str = "RMSNorm", qk_layernorm: bool = False) -> ModuleSpec:
+    """Llama-style GPT layer spec with HARPE attention.
+
+    ``te``: megatron's Transformer Engine spec (GPUs). ``local``: megatron's local spec with the SDPA core
+    attention (any device, TP/PP/CP, packed sequences). ``auto`` picks ``te`` when it can run.
+    ``normalization`` applies to the local spec; the TE spec reads ``config.normalization``.
+    """
+    return ModuleSpec(module=TransformerLayer, submodules=_harpe_layer_submodules(impl, normalization, qk_layernorm))
+
+
+class LocalNormHybridStack(HybridStack):
+    """megatron's HybridStack with its final norm built from the local spec.
+
+    HybridStack hard-codes Transformer Engine's ``TENorm`` for the final norm; everything else comes from
+    the spec. This builds the stack without it and adds the local norm (same ``final_norm`` name, same
+    ``forward``), so the ``local`` hybrid spec runs where TE does not.
+    """
+
+    def __init__(self, config: TransformerConfig, *args, post_layer_norm: bool = True, **kwargs):
+        super().__init__(config, *args, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = WrappedTorchNorm(config=config, hidden_size=config.hidden_size,
+                                               eps=config.layernorm_epsilon)
+
+
+def harpe_hybrid_stack_spec(impl: str = "auto", *, normalization: str = "RMSNorm") -> ModuleSpec:
+    """HybridStack spec for attention (``*``) and MLP (``-``) layers, with HARPE attention.
+
+    Built from the same submodules as :func:`harpe_layer_spec`, split into an attention-only layer and an
+    MLP-only layer, so a GPT layer ``i`` corresponds to hybrid layers ``2i`` (``*``) and ``2i+1`` (``-``).
+    """
+    layer = _harpe_layer_submodules(impl, normalization, qk_layernorm=False)
+    attention_layer = TransformerLayerSubmodules(
+        input_layernorm=layer.input_layernorm,
+        self_attention=layer.self_attention,
+        self_attn_bda=layer.self_attn_bda,
+        sharded_state_dict_keys_map={
+            k: v for k, v in layer.sharded_state_dict_keys_map.items() if k.startswith("input_layernorm")
+        },
+    )
+    mlp_layer = TransformerLayerSubmodules(
+        pre_mlp_layernorm=layer.pre_mlp_layernorm,
+        mlp=layer.mlp,
+        mlp_bda=layer.mlp_bda,
+        sharded_state_dict_keys_map={
+            k: v for k, v in layer.sharded_state_dict_keys_map.items() if not k.startswith("input_layernorm")
+        },
+    )
+    return ModuleSpec(
+        module=HybridStack if resolve_impl(impl) == "te" else LocalNormHybridStack,
+        submodules=HybridStackSubmodules(
+            attention_layer=ModuleSpec(module=TransformerLayer, submodules=attention_layer),
+            mlp_layer=ModuleSpec(module=MLPLayer, submodules=mlp_layer),
+        ),
+    )
+
+
+def _check_rope_args(position_embedding_type: str, rope_scaling: bool) -> None:
+    if position_embedding_type != "rope":
+        raise ValueError(f"HARPE is a RoPE variant: position_embedding_type must be 'rope', got {position_embedding_type!r}")
+    if rope_scaling:
+        raise ValueError("rope_scaling (Llama-3 frequency scaling) cannot be combined with HARPE bases; drop it")
+
+
+def _install_harpe_rotary(model, config: TransformerConfig, bases: Sequence[float], rotary_percent: float,
+                          seq_len_interpolation_factor: Optional[float]) -> None:
+    """Replace the model's RoPE provider with HARPE's and check every attention can take per-head RoPE."""
+    model.harpe_bases = list(bases)
+    model.rotary_pos_emb = HarpeRotaryEmbedding(
+        kv_channels=config.kv_channels,
+        rotary_percent=rotary_percent,
+        bases=bases,
+        num_attention_heads=config.num_attention_heads,
+        num_query_groups=config.num_query_groups,
+        rotary_interleaved=config.rotary_interleaved,
+        seq_len_interpolation_factor=seq_len_interpolation_factor,
+        tp_group=model.pg_collection.tp,
+        cp_group=model.pg_collection.cp,
+        device="cpu" if config.use_cpu_initialization else torch.cuda.current_device(),
+    )
+    if config.apply_rope_fusion or config.fused_single_qkv_rope:
+        plain = [n for n, m in model.named_modules() if isinstance(m, Attention) and not isinstance(m, HarpeSelfAttention)]
+        if plain:
+            raise ValueError(
+                f"apply_rope_fusion / fused_single_qkv_rope would hand per-head HARPE frequencies to Transformer "
+                f"Engine's fused RoPE, which reads one frequency row per position for all heads (silently "
+                f"wrong) in {plain[0]}: build the model with harpe_layer_spec(...) / harpe_hybrid_stack_spec(...), "
+                f"or set apply_rope_fusion=False and fused_single_qkv_rope=False"
+            )
+
+
+class HarpeGPTModel(GPTModel):
+    """megatron-core ``GPTModel`` with HARPE RoPE: ``harpe_bases`` holds one base per query group.
+
+    Same constructor as ``GPTModel`` (``position_embedding_type`` is ``rope``); build it with
+    :func:`harpe_layer_spec`.
+    """
+
+    def __init__(self, config: TransformerConfig, transformer_layer_spec, vocab_size: int,
+                 max_sequence_length: int, *args, harpe_bases: Sequence[float],
+                 position_embedding_type: str = "rope", rotary_percent: float = 1.0,
+                 seq_len_interpolation_factor: Optional[float] = None, rope_scaling: bool = False, **kwargs):
+        _check_rope_args(position_embedding_type, rope_scaling)
+        bases = validate_bases(harpe_bases, config.num_query_groups or config.num_attention_heads)
+        super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, *args,
+                         position_embedding_type="rope", rotary_percent=rotary_percent,
+                         seq_len_interpolation_factor=seq_len_interpolation_factor, **kwargs)
+        _install_harpe_rotary(self, config, bases, rotary_percent, seq_len_interpolation_factor)
+
+
+class HarpeHybridModel(HybridModel):
+    """megatron-core ``HybridModel`` (attention ``*`` / MLP ``-`` patterns) with HARPE RoPE.
+
+    Build it with :func:`harpe_hybrid_stack_spec`.
+    """
+
+    def __init__(self, config: TransformerConfig, hybrid_stack_spec, vocab_size: int, max_sequence_length: int,
+                 *args, harpe_bases: Sequence[float], position_embedding_type: str = "rope",
+                 rotary_percent: float = 1.0, seq_len_interpolation_factor: Optional[float] = None, **kwargs):
+        _check_rope_args(position_embedding_type, False)
+        bases = validate_bases(harpe_bases, config.num_query_groups or config.num_attention_heads)
+        super().__init__(config, hybrid_stack_spec, vocab_size, max_sequence_length, *args,
+                         position_embedding_type="rope", rotary_percent=rotary_percent,
+                         seq_len_interpolation_factor=seq_len_interpolation_factor, **kwargs)
+        _install_harpe_rotary(self, config, bases, rotary_percent, seq_len_interpolation_factor)

@@ -1,0 +1,50 @@
+"""Pictures of HARPE bases: per-head attention waveforms, their mean, and the bases themselves."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megatron_harpe.bases import attention_waveform
+
+
+def plot_bases(bases: Sequence[float], path: str, *, head_dim: int, target_length: int,
+               single_base: Optional[float] = None, compare: Optional[Sequence[float]] = None,
+               compare_label: str = "paper Table 2", title: str = "HARPE bases") -> str:
+    """Write a PNG: waveforms per head and averaged (against one ABF base), and the base of each head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (wave_ax, base_ax) = plt.subplots(2, 1, figsize=(11, 8), gridspec_kw={"height_ratios": [3, 2]})
+    colours = plt.cm.viridis(np.linspace(0, 1, len(bases)))
+    waves = []
+    for colour, base in zip(colours, bases):
+        distance, wave = attention_waveform(base, head_dim=head_dim, target_length=target_length)
+        waves.append(wave)
+        wave_ax.plot(distance, wave, color=colour, lw=0.5, alpha=0.5)
+    wave_ax.plot(distance, np.mean(waves, axis=0), color="black", lw=1.8, label=f"mean of {len(bases)} heads")
+    if single_base is not None:
+        distance, wave = attention_waveform(single_base, head_dim=head_dim, target_length=target_length)
+        wave_ax.plot(distance, wave, color="red", lw=1.2, ls="--", label=f"single base {single_base:.3g} (ABF)")
+    wave_ax.set_xscale("symlog", linthresh=1024)
+    wave_ax.set_xlabel("relative distance (tokens)")
+    wave_ax.set_ylabel("attention upper bound (box-filtered)")
+    wave_ax.set_title(f"{title}: RoPE attention waveforms, head_dim={head_dim}, up to {target_length} tokens")
+    wave_ax.legend(loc="upper right")
+
+    heads = np.arange(1, len(bases) + 1)
+    base_ax.plot(heads, np.asarray(bases) / 1e6, "o-", label="these bases")
+    if compare is not None:
+        base_ax.plot(np.arange(1, len(compare) + 1), np.asarray(compare) / 1e6, "s--", alpha=0.7, label=compare_label)
+    base_ax.set_xlabel("head (query group)")
+    base_ax.set_ylabel("RoPE base (millions)")
+    base_ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

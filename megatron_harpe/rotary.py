@@ -1,0 +1,162 @@
+"""HarpeRotaryEmbedding: megatron-core's RoPE provider with one base per query group.
+
+It keeps the contract of ``megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding``
+(``forward(max_seq_len, offset=0, packed_seq=False, cp_group=None)`` and ``get_rotary_seq_len``) and
+returns the ``(query, key)`` frequency pair that megatron's ``Attention`` accepts as a tuple:
+queries ``[s, 1, heads_local, rot_dim]``, keys ``[s, 1, groups_local, rot_dim]`` for this tensor-parallel
+rank's heads, every query head using its group's base. With all bases equal it is megatron's
+``RotaryEmbedding`` bit for bit (same float32 arithmetic, row for row).
+
+Unlike megatron's provider it never assumes CUDA: the inverse-frequency table is a non-persistent
+buffer that follows the module's device, and context-parallel slicing is done here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+from megatron_harpe.bases import validate_bases
+from megatron_harpe.positions import check_cp_divisible, cp_local_indices
+
+
+def rotary_dim(kv_channels: int, rotary_percent: float) -> int:
+    """The rotated part of each head, as megatron computes it."""
+    return int(kv_channels * rotary_percent) if rotary_percent < 1.0 else kv_channels
+
+
+def inverse_frequencies(bases: Sequence[float], dim: int, device=None) -> Tensor:
+    """``[len(bases), dim // 2]`` float32 table; row ``g`` is exactly megatron's ``inv_freq`` for base ``g``."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim
+    return torch.stack([1.0 / (float(b) ** exponents) for b in bases])
+
+
+def frequencies_to_emb(freqs: Tensor, interleaved: bool) -> Tensor:
+    """``[..., dim/2]`` angles -> ``[..., dim]`` in megatron's rotate-half or interleaved layout."""
+    if interleaved:
+        return torch.stack((freqs, freqs), dim=-1).flatten(-2)
+    return torch.cat((freqs, freqs), dim=-1)
+
+
+def _group_of(pg: Optional[torch.distributed.ProcessGroup]) -> tuple[int, int]:
+    if pg is None:
+        return 0, 1
+    return pg.rank(), pg.size()
+
+
+class HarpeRotaryEmbedding(nn.Module):
+    """Rotary embedding with a per-query-group base (HARPE).
+
+    Args:
+        kv_channels: head dimension.
+        rotary_percent: fraction of the head dimension that is rotated.
+        bases: one RoPE base per query group, for the whole model (all TP ranks).
+        num_attention_heads: query heads of the whole model.
+        num_query_groups: query groups (KV heads); ``None`` means MHA (= num_attention_heads).
+        rotary_interleaved: megatron's interleaved layout instead of rotate-half.
+        seq_len_interpolation_factor: linear position interpolation (positions divided by it).
+        tp_group / cp_group: process groups; ``None`` takes megatron's parallel_state groups if they
+            exist, else size 1.
+        device: where the frequency table lives (it follows ``module.to()`` afterwards).
+    """
+
+    def __init__(
+        self,
+        kv_channels: int,
+        rotary_percent: float,
+        bases: Sequence[float],
+        num_attention_heads: int,
+        num_query_groups: Optional[int] = None,
+        rotary_interleaved: bool = False,
+        seq_len_interpolation_factor: Optional[float] = None,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+        device=None,
+    ) -> None:
+        super().__init__()
+        num_query_groups = num_query_groups or num_attention_heads
+        self.bases = validate_bases(bases, num_query_groups)
+        if num_attention_heads % num_query_groups:
+            raise ValueError(
+                f"num_attention_heads ({num_attention_heads}) must be a multiple of num_query_groups "
+                f"({num_query_groups})"
+            )
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        if cp_group is None:
+            cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+        tp_rank, tp_size = _group_of(tp_group)
+        if num_query_groups % tp_size:
+            raise ValueError(
+                f"num_query_groups ({num_query_groups}) is not divisible by tensor_model_parallel_size "
+                f"({tp_size}): each TP rank must hold whole query groups; choose a TP size that divides "
+                f"{num_query_groups}"
+            )
+        self.cp_group = cp_group
+        self.rotary_interleaved = rotary_interleaved
+        self.seq_len_interpolation_factor = seq_len_interpolation_factor
+        self.dim = rotary_dim(kv_channels, rotary_percent)
+        self.heads_per_group = num_attention_heads // num_query_groups
+        groups_local = num_query_groups // tp_size
+        self.local_bases = self.bases[tp_rank * groups_local : (tp_rank + 1) * groups_local]
+        # [groups_local, dim/2]; non-persistent: derived from the bases, never checkpointed.
+        self._inv_freq_master = inverse_frequencies(self.local_bases, self.dim)
+        self.register_buffer("inv_freq", self._inv_freq_master.to(device), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves, but stay float32: Float16Module / model.bfloat16() cast every floating
+        # buffer, and RoPE angles must be computed in float32.
+        result = super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq_master.to(self.inv_freq.device)
+        return result
+
+    def positions(self, max_seq_len: int, offset: int = 0, cp_rank: int = 0, cp_size: int = 1) -> Tensor:
+        """float32 positions (after interpolation) for the tokens this CP rank holds, in local order."""
+        index = cp_local_indices(max_seq_len, cp_rank, cp_size, device=self.inv_freq.device)
+        seq = index.to(torch.float32) + offset
+        if self.seq_len_interpolation_factor is not None:
+            seq *= 1 / self.seq_len_interpolation_factor
+        return seq
+
+    def forward(
+        self,
+        max_seq_len: int,
+        offset: int = 0,
+        packed_seq: bool = False,
+        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``(query_emb [s,1,heads_local,dim], key_emb [s,1,groups_local,dim])``.
+
+        ``s`` is this CP rank's share of ``max_seq_len`` unless ``packed_seq`` (then all ``max_seq_len``
+        positions, which megatron's THD RoPE slices per sequence).
+        """
+        cp_rank, cp_size = _group_of(cp_group if cp_group is not None else self.cp_group)
+        if packed_seq:
+            cp_rank, cp_size = 0, 1
+        else:
+            check_cp_divisible(max_seq_len, cp_size)
+        return self._emb(max_seq_len, offset, cp_rank, cp_size, self.inv_freq.device)
+
+    @lru_cache(maxsize=32)
+    def _emb(self, max_seq_len: int, offset: int, cp_rank: int, cp_size: int, device) -> tuple[Tensor, Tensor]:
+        # device is part of the cache key so that a module moved after a call recomputes.
+        seq = self.positions(max_seq_len, offset, cp_rank, cp_size)
+        freqs = seq[:, None, None] * self.inv_freq[None, :, :]  # == torch.outer per group
+        key_emb = frequencies_to_emb(freqs, self.rotary_interleaved)[:, None]  # [s, 1, groups, dim]
+        if self.heads_per_group == 1:
+            return key_emb, key_emb
+        return key_emb.repeat_interleave(self.heads_per_group, dim=2), key_emb
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of megatron's RotaryEmbedding may carry inv_freq; ours is derived from the bases.
+        state_dict.pop(f"{prefix}inv_freq", None)
+        return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # The rotary length depends on the input, not on the bases: megatron's rule applies unchanged.
+    get_rotary_seq_len = RotaryEmbedding.get_rotary_seq_len

@@ -1,0 +1,153 @@
+import dataclasses
+
+import pytest
+import torch
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_harpe import HarpeGPTModel, HarpeHybridModel, harpe_hybrid_stack_spec, harpe_layer_spec
+from megatron_harpe.attention import SDPAttention
+from megatron_harpe.cpu_compat import megatron_on_cpu
+from utils import TINY_BASES, VOCAB, reference_llama_logits, tiny_config, tiny_model, tokens
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_logits_match_a_plain_per_group_rope_llama():
+    config = tiny_config()
+    model = tiny_model(config).eval()
+    ids = tokens(2, 20)
+    logits = model(ids, None, None)
+    expected = reference_llama_logits(params_of(model), ids, config, TINY_BASES)
+    torch.testing.assert_close(logits.double(), expected, atol=2e-5, rtol=1e-4)
+
+
+def plain_gpt(config, base):
+    """megatron's own GPTModel with standard RoPE and the same CPU core attention."""
+    layer = get_gpt_layer_local_submodules(normalization="RMSNorm")
+    layer = dataclasses.replace(layer, self_attention=dataclasses.replace(
+        layer.self_attention, submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention)))
+    torch.manual_seed(1234)
+    return GPTModel(config, ModuleSpec(module=TransformerLayer, submodules=layer), vocab_size=VOCAB,
+                    max_sequence_length=4096, position_embedding_type="rope", rotary_base=base)
+
+
+def test_equal_bases_reproduce_megatron_standard_rope_exactly():
+    config = tiny_config()
+    standard = plain_gpt(config, 10000).eval()
+    harpe = tiny_model(config, bases=[10000, 10000]).eval()
+    harpe.load_state_dict(standard.state_dict())
+    ids = tokens(2, 16)
+    with megatron_on_cpu():  # megatron's RotaryEmbedding moves its table to "cuda"
+        expected = standard(ids, None, None)
+    assert torch.equal(harpe(ids, None, None), expected)
+    different = tiny_model(config, bases=[10000, 1e6]).eval()
+    different.load_state_dict(standard.state_dict())
+    assert not torch.allclose(different(ids, None, None), expected)
+
+
+def test_fused_rope_request_is_routed_around():
+    # Transformer Engine's fused RoPE would read one frequency row for all heads; HARPE attention ignores it.
+    ids = tokens(1, 16)
+    reference = tiny_model(tiny_config()).eval()(ids, None, None)
+    config = tiny_config()
+    config.apply_rope_fusion = True  # set after construction: TransformerConfig refuses it without TE
+    model = tiny_model(config).eval()
+    assert all(not m.config.apply_rope_fusion for m in model.decoder.modules() if hasattr(m, "core_attention"))
+    assert torch.equal(model(ids, None, None), reference)
+
+
+def test_fused_rope_with_a_plain_attention_spec_is_refused():
+    config = tiny_config()
+    config.apply_rope_fusion = True
+    layer = get_gpt_layer_local_submodules(normalization="RMSNorm")
+    with pytest.raises(ValueError, match="harpe_layer_spec"):
+        HarpeGPTModel(config, ModuleSpec(module=TransformerLayer, submodules=layer), vocab_size=VOCAB,
+                      max_sequence_length=64, harpe_bases=TINY_BASES)
+
+
+def loss_and_grads(model, ids):
+    model.zero_grad()
+    loss = model(ids, None, None, labels=torch.roll(ids, -1, 1)).sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("recompute", [
+    dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+    dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
+    dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+])
+def test_activation_recompute_changes_nothing(recompute):
+    ids = tokens(2, 16)
+    loss, grads = loss_and_grads(tiny_model(tiny_config()).train(), ids)
+    with megatron_on_cpu():  # megatron's checkpoint saves and restores CUDA RNG state
+        loss_rc, grads_rc = loss_and_grads(tiny_model(tiny_config(**recompute)).train(), ids)
+    assert torch.equal(loss, loss_rc)
+    for name in grads:
+        torch.testing.assert_close(grads_rc[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_packed_thd_equals_sequences_run_separately():
+    model = tiny_model(tiny_config()).eval()
+    lengths = [6, 3, 7]
+    seqs = [tokens(1, n, seed=i) for i, n in enumerate(lengths)]
+    cu = torch.tensor([0, 6, 9, 16], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
+    packed = model(torch.cat(seqs, dim=1), None, None, packed_seq_params=params)
+    start = 0
+    for ids, n in zip(seqs, lengths):
+        torch.testing.assert_close(packed[:, start : start + n], model(ids, None, None), atol=1e-5, rtol=1e-5)
+        start += n
+
+
+def test_hybrid_model_with_attention_mlp_pattern_gives_the_same_logits():
+    config = tiny_config()
+    gpt = tiny_model(config).eval()
+    hybrid_config = tiny_config(num_layers=2 * config.num_layers)
+    hybrid = HarpeHybridModel(hybrid_config, harpe_hybrid_stack_spec("local"), vocab_size=VOCAB,
+                              max_sequence_length=4096, hybrid_layer_pattern="*-*-", harpe_bases=TINY_BASES).eval()
+    mapped = {}
+    for name, tensor in gpt.state_dict().items():
+        if name.startswith("decoder.layers."):
+            _, _, i, rest = name.split(".", 3)
+            mlp_part = rest.startswith(("pre_mlp_layernorm", "mlp."))
+            name = f"decoder.layers.{2 * int(i) + int(mlp_part)}.{rest}"
+        elif name.startswith("decoder.final_layernorm"):
+            name = name.replace("final_layernorm", "final_norm")
+        mapped[name] = tensor
+    missing, unexpected = hybrid.load_state_dict(mapped, strict=False)
+    assert not [k for k in missing if not k.endswith("_extra_state")] and not unexpected
+    ids = tokens(2, 16)
+    torch.testing.assert_close(hybrid(ids, None, None), gpt(ids, None, None), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bases, message", [
+    ([1e4], "got 1 bases for 2 query groups"),
+    ([1e4, 0.0], "query group 1 is 0.0"),
+    ([1e4, float("inf")], "positive and finite"),
+])
+def test_bad_bases_are_refused(bases, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(tiny_config(), bases=bases)
+
+
+def test_non_rope_and_llama3_scaling_are_refused():
+    with pytest.raises(ValueError, match="position_embedding_type must be 'rope'"):
+        tiny_model(tiny_config(), position_embedding_type="learned_absolute")
+    with pytest.raises(ValueError, match="rope_scaling"):
+        tiny_model(tiny_config(), rope_scaling=True)
+
+
+def test_spec_impl_choices():
+    assert harpe_layer_spec("local").submodules.self_attention.submodules.core_attention is SDPAttention
+    with pytest.raises(ValueError, match="unknown layer implementation"):
+        harpe_layer_spec("cuda")
