@@ -31,7 +31,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron_harpe.attention import SDPAttention
 from megatron_harpe.bases import validate_bases
 from megatron_harpe.rotary import HarpeRotaryEmbedding
-from megatron_harpe.self_attention import HarpeSelfAttention
+from megatron_harpe.self_attention import HarpeSelfAttention, check_rope_impl
 
 IMPLS = ("auto", "te", "local")
 
@@ -126,17 +126,22 @@ def harpe_hybrid_stack_spec(impl: str = "auto", *, normalization: str = "RMSNorm
     )
 
 
-def _check_rope_args(position_embedding_type: str, rope_scaling: bool) -> None:
+def _check_harpe_args(config: TransformerConfig, bases: Sequence[float], rope_impl: str,
+                      position_embedding_type: str, rope_scaling: bool) -> list[float]:
+    """Validate before megatron builds anything; return the bases as floats."""
     if position_embedding_type != "rope":
         raise ValueError(f"HARPE is a RoPE variant: position_embedding_type must be 'rope', got {position_embedding_type!r}")
     if rope_scaling:
         raise ValueError("rope_scaling (Llama-3 frequency scaling) cannot be combined with HARPE bases; drop it")
+    check_rope_impl(rope_impl)
+    return validate_bases(bases, config.num_query_groups or config.num_attention_heads)
 
 
 def _install_harpe_rotary(model, config: TransformerConfig, bases: Sequence[float], rotary_percent: float,
-                          seq_len_interpolation_factor: Optional[float]) -> None:
-    """Replace the model's RoPE provider with HARPE's and check every attention can take per-head RoPE."""
+                          seq_len_interpolation_factor: Optional[float], rope_impl: str) -> None:
+    """Replace the model's RoPE provider with HARPE's, set the RoPE path, check every attention takes it."""
     model.harpe_bases = list(bases)
+    model.harpe_rope_impl = rope_impl
     model.rotary_pos_emb = HarpeRotaryEmbedding(
         kv_channels=config.kv_channels,
         rotary_percent=rotary_percent,
@@ -149,34 +154,43 @@ def _install_harpe_rotary(model, config: TransformerConfig, bases: Sequence[floa
         cp_group=model.pg_collection.cp,
         device="cpu" if config.use_cpu_initialization else torch.cuda.current_device(),
     )
-    if config.apply_rope_fusion or config.fused_single_qkv_rope:
-        plain = [n for n, m in model.named_modules() if isinstance(m, Attention) and not isinstance(m, HarpeSelfAttention)]
-        if plain:
-            raise ValueError(
-                f"apply_rope_fusion / fused_single_qkv_rope would hand per-head HARPE frequencies to Transformer "
-                f"Engine's fused RoPE, which reads one frequency row per position for all heads (silently "
-                f"wrong) in {plain[0]}: build the model with harpe_layer_spec(...) / harpe_hybrid_stack_spec(...), "
-                f"or set apply_rope_fusion=False and fused_single_qkv_rope=False"
-            )
+    # Compact (positions, table) for HARPE's kernels; megatron's materialized frequencies otherwise.
+    model.rotary_pos_emb.compact = rope_impl != "unfused"
+    plain = []
+    for name, module in model.named_modules():
+        if isinstance(module, HarpeSelfAttention):
+            module.rope_impl = rope_impl
+        elif isinstance(module, Attention):
+            plain.append(name)
+    if plain and (model.rotary_pos_emb.compact or config.apply_rope_fusion or config.fused_single_qkv_rope):
+        raise ValueError(
+            f"{plain[0]} is megatron's plain attention: it cannot take HARPE's kernel inputs "
+            f"(harpe_rope_impl={rope_impl!r}), and with apply_rope_fusion / fused_single_qkv_rope it would hand "
+            f"per-head frequencies to Transformer Engine's fused RoPE, which reads one frequency row per position "
+            f"for all heads (silently wrong). Build the model with harpe_layer_spec(...) / "
+            f"harpe_hybrid_stack_spec(...), or pass harpe_rope_impl='unfused' with apply_rope_fusion=False and "
+            f"fused_single_qkv_rope=False"
+        )
 
 
 class HarpeGPTModel(GPTModel):
     """megatron-core ``GPTModel`` with HARPE RoPE: ``harpe_bases`` holds one base per query group.
 
     Same constructor as ``GPTModel`` (``position_embedding_type`` is ``rope``); build it with
-    :func:`harpe_layer_spec`.
+    :func:`harpe_layer_spec`. ``harpe_rope_impl`` selects how RoPE is applied: ``auto`` (Triton kernel on
+    CUDA, torch kernel elsewhere), ``torch``, ``triton``, or ``unfused`` (megatron's own unfused RoPE with
+    materialized per-head frequencies, for comparison); see :mod:`megatron_harpe.self_attention`.
     """
 
     def __init__(self, config: TransformerConfig, transformer_layer_spec, vocab_size: int,
-                 max_sequence_length: int, *args, harpe_bases: Sequence[float],
+                 max_sequence_length: int, *args, harpe_bases: Sequence[float], harpe_rope_impl: str = "auto",
                  position_embedding_type: str = "rope", rotary_percent: float = 1.0,
                  seq_len_interpolation_factor: Optional[float] = None, rope_scaling: bool = False, **kwargs):
-        _check_rope_args(position_embedding_type, rope_scaling)
-        bases = validate_bases(harpe_bases, config.num_query_groups or config.num_attention_heads)
+        bases = _check_harpe_args(config, harpe_bases, harpe_rope_impl, position_embedding_type, rope_scaling)
         super().__init__(config, transformer_layer_spec, vocab_size, max_sequence_length, *args,
                          position_embedding_type="rope", rotary_percent=rotary_percent,
                          seq_len_interpolation_factor=seq_len_interpolation_factor, **kwargs)
-        _install_harpe_rotary(self, config, bases, rotary_percent, seq_len_interpolation_factor)
+        _install_harpe_rotary(self, config, bases, rotary_percent, seq_len_interpolation_factor, harpe_rope_impl)
 
 
 class HarpeHybridModel(HybridModel):
@@ -186,11 +200,10 @@ class HarpeHybridModel(HybridModel):
     """
 
     def __init__(self, config: TransformerConfig, hybrid_stack_spec, vocab_size: int, max_sequence_length: int,
-                 *args, harpe_bases: Sequence[float], position_embedding_type: str = "rope",
+                 *args, harpe_bases: Sequence[float], harpe_rope_impl: str = "auto", position_embedding_type: str = "rope",
                  rotary_percent: float = 1.0, seq_len_interpolation_factor: Optional[float] = None, **kwargs):
-        _check_rope_args(position_embedding_type, False)
-        bases = validate_bases(harpe_bases, config.num_query_groups or config.num_attention_heads)
+        bases = _check_harpe_args(config, harpe_bases, harpe_rope_impl, position_embedding_type, False)
         super().__init__(config, hybrid_stack_spec, vocab_size, max_sequence_length, *args,
                          position_embedding_type="rope", rotary_percent=rotary_percent,
                          seq_len_interpolation_factor=seq_len_interpolation_factor, **kwargs)
-        _install_harpe_rotary(self, config, bases, rotary_percent, seq_len_interpolation_factor)
+        _install_harpe_rotary(self, config, bases, rotary_percent, seq_len_interpolation_factor, harpe_rope_impl)

@@ -44,6 +44,16 @@ def frequencies_to_emb(freqs: Tensor, interleaved: bool) -> Tensor:
     return torch.cat((freqs, freqs), dim=-1)
 
 
+def materialize_frequencies(positions: Tensor, inv_freq: Tensor, heads_per_group: int,
+                            interleaved: bool) -> tuple[Tensor, Tensor]:
+    """Megatron's ``(query [s,1,heads,dim], key [s,1,groups,dim])`` frequencies from positions and the table."""
+    freqs = positions[:, None, None] * inv_freq[None, :, :]  # == torch.outer per group
+    key_emb = frequencies_to_emb(freqs, interleaved)[:, None]
+    if heads_per_group == 1:
+        return key_emb, key_emb
+    return key_emb.repeat_interleave(heads_per_group, dim=2), key_emb
+
+
 def _group_of(pg: Optional[torch.distributed.ProcessGroup]) -> tuple[int, int]:
     if pg is None:
         return 0, 1
@@ -99,6 +109,7 @@ class HarpeRotaryEmbedding(nn.Module):
                 f"{num_query_groups}"
             )
         self.cp_group = cp_group
+        self.compact = False
         self.rotary_interleaved = rotary_interleaved
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
         self.dim = rotary_dim(kv_channels, rotary_percent)
@@ -134,24 +145,24 @@ class HarpeRotaryEmbedding(nn.Module):
         """``(query_emb [s,1,heads_local,dim], key_emb [s,1,groups_local,dim])``.
 
         ``s`` is this CP rank's share of ``max_seq_len`` unless ``packed_seq`` (then all ``max_seq_len``
-        positions, which megatron's THD RoPE slices per sequence).
+        positions, which megatron's THD RoPE slices per sequence). With ``compact`` set (HARPE's own
+        kernels) it returns ``(positions [s], inv_freq [groups_local, dim/2])`` instead: the same
+        information without materializing ``s * heads * dim`` frequencies.
         """
         cp_rank, cp_size = _group_of(cp_group if cp_group is not None else self.cp_group)
         if packed_seq:
             cp_rank, cp_size = 0, 1
         else:
             check_cp_divisible(max_seq_len, cp_size)
-        return self._emb(max_seq_len, offset, cp_rank, cp_size, self.inv_freq.device)
+        return self._emb(max_seq_len, offset, cp_rank, cp_size, self.inv_freq.device, self.compact)
 
     @lru_cache(maxsize=32)
-    def _emb(self, max_seq_len: int, offset: int, cp_rank: int, cp_size: int, device) -> tuple[Tensor, Tensor]:
+    def _emb(self, max_seq_len: int, offset: int, cp_rank: int, cp_size: int, device, compact: bool):
         # device is part of the cache key so that a module moved after a call recomputes.
         seq = self.positions(max_seq_len, offset, cp_rank, cp_size)
-        freqs = seq[:, None, None] * self.inv_freq[None, :, :]  # == torch.outer per group
-        key_emb = frequencies_to_emb(freqs, self.rotary_interleaved)[:, None]  # [s, 1, groups, dim]
-        if self.heads_per_group == 1:
-            return key_emb, key_emb
-        return key_emb.repeat_interleave(self.heads_per_group, dim=2), key_emb
+        if compact:
+            return seq, self.inv_freq
+        return materialize_frequencies(seq, self.inv_freq, self.heads_per_group, self.rotary_interleaved)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of megatron's RotaryEmbedding may carry inv_freq; ours is derived from the bases.

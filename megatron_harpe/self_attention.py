@@ -1,17 +1,42 @@
-"""HarpeSelfAttention: megatron's SelfAttention, kept away from fused RoPE kernels that share one base.
+"""HarpeSelfAttention: megatron's SelfAttention applying per-head RoPE itself.
 
 Transformer Engine's fused RoPE (``apply_rope_fusion``) and fused QKV+RoPE (``fused_single_qkv_rope``)
-read one frequency row per position, shared by all heads: given HARPE's per-head ``[s, 1, h, d]``
-frequencies they are silently wrong. This module is swapped in through the layer spec; it always takes
-megatron's unfused RoPE, which broadcasts per-head frequencies correctly, whatever the config says.
+read one frequency row per position, shared by all heads: given HARPE's per-head frequencies they are
+silently wrong. And megatron's unfused RoPE, which broadcasts per-head frequencies correctly, saves
+``cos``/``sin`` of shape ``[s, 1, h, d]`` for backward in every layer. So this attention (swapped in
+through the layer spec) rotates q and k itself, right after the QKV projection, with
+:func:`megatron_harpe.kernels.harpe_rope_qk`, which saves only the positions and the frequency table.
+``rope_impl``:
+
+* ``auto`` - Triton on CUDA, torch elsewhere (the default);
+* ``torch`` / ``triton`` - that kernel;
+* ``unfused`` - megatron's own unfused path with materialized per-head frequencies (for comparison).
+
+Whatever the config says, fused RoPE is never used here. Inference (a KV cache) always takes megatron's
+unfused path, which slices the frequencies to the cache position.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Optional
+
+from torch import Tensor
 
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_harpe.kernels import harpe_rope_qk
+from megatron_harpe.positions import packed_local_coordinates
+from megatron_harpe.rotary import materialize_frequencies
+
+ROPE_IMPLS = ("auto", "torch", "triton", "unfused")
+
+
+def check_rope_impl(impl: str) -> str:
+    if impl not in ROPE_IMPLS:
+        raise ValueError(f"unknown HARPE RoPE implementation {impl!r}: choose one of {', '.join(ROPE_IMPLS)}")
+    return impl
 
 
 def without_rope_fusion(config: TransformerConfig) -> TransformerConfig:
@@ -25,7 +50,53 @@ def without_rope_fusion(config: TransformerConfig) -> TransformerConfig:
 
 
 class HarpeSelfAttention(SelfAttention):
-    """Self-attention for per-head (per-query-group) RoPE frequencies."""
+    """Self-attention for per-head (per-query-group) RoPE.
 
-    def __init__(self, config: TransformerConfig, *args, **kwargs):
+    With ``rope_impl != "unfused"`` it receives ``rotary_pos_emb = (positions, inv_freq)`` from
+    :class:`~megatron_harpe.rotary.HarpeRotaryEmbedding` (``compact=True``); otherwise megatron's
+    ``(query_freqs, key_freqs)`` pair.
+    """
+
+    def __init__(self, config: TransformerConfig, *args, rope_impl: str = "auto", **kwargs):
         super().__init__(without_rope_fusion(config), *args, **kwargs)
+        self.rope_impl = check_rope_impl(rope_impl)
+        self._pending_rope: Optional[tuple] = None
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, *args, packed_seq_params=None, inference_params=None, **kwargs):
+        inference_context = inference_context if inference_context is not None else inference_params
+        if rotary_pos_emb is not None and self.rope_impl != "unfused":
+            positions, inv_freq = rotary_pos_emb
+            if inference_context is not None:
+                heads_per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+                rotary_pos_emb = materialize_frequencies(positions, inv_freq, heads_per_group,
+                                                         self.config.rotary_interleaved)
+            else:
+                # Applied in get_query_key_value_tensors, which super().forward calls once, right below.
+                self._pending_rope = (positions, inv_freq, packed_seq_params)
+                rotary_pos_emb = None
+        try:
+            return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
+                                   rotary_pos_emb, *args, packed_seq_params=packed_seq_params, **kwargs)
+        finally:
+            self._pending_rope = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                  split_qkv=split_qkv)
+        if self._pending_rope is None:
+            return out
+        positions, inv_freq, packed_seq_params = self._pending_rope
+        self._pending_rope = None
+        query, key, *rest = out
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            # The provider gives positions 0..max_seqlen-1; each packed sequence starts again at 0.
+            cu = packed_seq_params.cu_seqlens_q_padded
+            cu = cu if cu is not None else packed_seq_params.cu_seqlens_q
+            cp = self.pg_collection.cp
+            _, within = packed_local_coordinates(cu, cp.rank(), cp.size())
+            positions = positions[within.to(positions.device)]
+        if positions.numel() != query.size(0):
+            raise ValueError(f"HARPE RoPE got {positions.numel()} positions for {query.size(0)} query rows")
+        query, key = harpe_rope_qk(query, key, positions, inv_freq, self.config.rotary_interleaved, impl=self.rope_impl)
+        return (query, key, *rest)

@@ -96,8 +96,41 @@ def test_activation_recompute_changes_nothing(recompute):
         torch.testing.assert_close(grads_rc[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_packed_thd_equals_sequences_run_separately():
-    model = tiny_model(tiny_config()).eval()
+def test_kernel_path_equals_megatron_unfused_path_bit_for_bit():
+    ids = tokens(2, 16)
+    kernel = tiny_model(tiny_config(), harpe_rope_impl="torch").train()
+    unfused = tiny_model(tiny_config(), harpe_rope_impl="unfused").train()
+    assert kernel.rotary_pos_emb.compact and not unfused.rotary_pos_emb.compact
+    loss_k, grads_k = loss_and_grads(kernel, ids)
+    loss_u, grads_u = loss_and_grads(unfused, ids)
+    assert torch.equal(loss_k, loss_u)
+    assert all(torch.equal(grads_k[n], grads_u[n]) for n in grads_u)
+
+
+def saved_bytes(model, ids):
+    total = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        out = model(ids, None, None, labels=ids)
+    out.sum().backward()
+    return sum(total)
+
+
+def test_harpe_saves_no_more_for_backward_than_standard_rope():
+    ids = tokens(2, 64)
+    config = tiny_config(num_attention_heads=8, num_query_groups=8)
+    bases = [1e4 * (h + 1) for h in range(8)]
+    with megatron_on_cpu():
+        standard = saved_bytes(plain_gpt(config, 10000), ids)
+    harpe = saved_bytes(tiny_model(config, bases=bases), ids)
+    unfused = saved_bytes(tiny_model(config, bases=bases, harpe_rope_impl="unfused"), ids)
+    assert harpe <= 1.01 * standard
+    assert unfused > harpe  # megatron's unfused path keeps [s, 1, h, d] cos/sin per layer
+
+
+@pytest.mark.parametrize("rope_impl", ["torch", "unfused"])
+def test_packed_thd_equals_sequences_run_separately(rope_impl):
+    model = tiny_model(tiny_config(), harpe_rope_impl=rope_impl).eval()
     lengths = [6, 3, 7]
     seqs = [tokens(1, n, seed=i) for i, n in enumerate(lengths)]
     cu = torch.tensor([0, 6, 9, 16], dtype=torch.int32)
@@ -145,6 +178,11 @@ def test_non_rope_and_llama3_scaling_are_refused():
         tiny_model(tiny_config(), position_embedding_type="learned_absolute")
     with pytest.raises(ValueError, match="rope_scaling"):
         tiny_model(tiny_config(), rope_scaling=True)
+
+
+def test_unknown_rope_impl_is_refused():
+    with pytest.raises(ValueError, match="unknown HARPE RoPE implementation"):
+        tiny_model(tiny_config(), harpe_rope_impl="fused")
 
 
 def test_spec_impl_choices():

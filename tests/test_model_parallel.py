@@ -102,11 +102,11 @@ def _parity_worker(rank, world_size, scenarios):
     seqs = packed_sequences()
     ref_packed_losses, ref_packed_grads = run(reference, seqs, None)
 
-    for tp, pp, cp, packed in scenarios:
-        label = f"TP={tp} PP={pp} CP={cp}{' packed THD' if packed else ''} rank {rank}"
+    for tp, pp, cp, packed, rope_impl in scenarios:
+        label = f"TP={tp} PP={pp} CP={cp}{' packed THD' if packed else ''} RoPE {rope_impl} rank {rank}"
         init_model_parallel(tp, pp, cp)
         tp_rank, cp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_context_parallel_rank()
-        model = tiny_model(config(tp, pp, cp))
+        model = tiny_model(config(tp, pp, cp), harpe_rope_impl=rope_impl)
         load_full_state_dict(model, full, tp_rank, tp, gated_linear_unit=True)
         if packed:
             batches, (seq_id, pos) = packed_batch(seqs, cp_rank, cp)
@@ -127,9 +127,10 @@ def _parity_worker(rank, world_size, scenarios):
 
 
 def test_tp2_pp2_cp2_and_packed_thd_cp2_equal_one_rank():
-    spawn(_parity_worker, 2, [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (1, 1, 2, True),
-                              (2, 1, 1, True)])
+    spawn(_parity_worker, 2, [(2, 1, 1, False, "auto"), (1, 2, 1, False, "auto"), (1, 1, 2, False, "auto"),
+                              (1, 1, 2, True, "auto"), (2, 1, 1, True, "auto"), (1, 1, 2, True, "unfused"),
+                              (2, 1, 1, False, "unfused")])
 
 
 def test_tp2_x_cp2_and_tp2_x_pp2_on_four_ranks_equal_one_rank():
-    spawn(_parity_worker, 4, [(2, 1, 2, False), (2, 2, 1, False)])
+    spawn(_parity_worker, 4, [(2, 1, 2, False, "auto"), (2, 2, 1, False, "auto")])

@@ -1,0 +1,27 @@
+"""The README's main-job command runs its demonstration end to end (what examples/quickstart_cpu.sh calls)."""
+
+import json
+
+import pytest
+
+from megatron_harpe.demo import main
+
+pytestmark = pytest.mark.multirank
+
+
+def test_demo_writes_bases_pictures_and_a_passing_tp2_check(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["bases.json", "tp2_rank0.json", "tp2_rank1.json", "waveforms_paper_table2.png",
+                     "waveforms_peak_valley.png"]
+    bases = json.loads((out / "bases.json").read_text())
+    assert len(bases["peak_valley"]) == 32 and bases["peak_valley"][0] == 1e6
+    for rank in range(2):
+        check = json.loads((out / f"tp2_rank{rank}.json").read_text())
+        assert check["max_abs_logit_diff"] < 1e-4 and check["max_abs_grad_diff"] < 1e-4
+    assert (out / "waveforms_peak_valley.png").read_bytes()[:4] == b"\x89PNG"
+    # A second run refuses to overwrite without --force, and leaves the results alone.
+    assert main(["--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == names
