@@ -132,13 +132,17 @@ class SDPAttention(MegatronModule):
 
         s_q, s_k = query.size(0), key.size(0)
         allowed = None
-        if cp_size > 1 or packed is not None or attention_mask is not None or not causal:
+        if cp_size > 1 or packed is not None or attention_mask is not None or not causal or s_q != s_k:
 
             def coordinates(rank):
                 return _coordinates(s_k, packed, rank, cp_size, query.device)
 
-            q_seq, q_idx = coordinates(cp_rank)
             k_seq, k_idx = (torch.cat(parts) for parts in zip(*(coordinates(r) for r in range(cp_size))))
+            if cp_size > 1 or packed is not None:
+                q_seq, q_idx = coordinates(cp_rank)
+            else:
+                # Queries are the last s_q positions (s_q < s_k: decoding against a KV cache).
+                q_seq, q_idx = k_seq[s_k - s_q :], k_idx[s_k - s_q :]
             if cp_size > 1:
                 # Put the gathered keys back in sequence order so that a user mask indexes them naturally.
                 order = torch.argsort(k_idx)

@@ -2,8 +2,9 @@
 
 megatron-core's pipeline schedules and p2p communication allocate small bookkeeping tensors with
 ``device="cuda"`` / ``torch.cuda.current_device()`` and call ``torch.cuda.synchronize()``; activation
-recompute saves and restores the CUDA RNG state. Inside :func:`megatron_on_cpu` those requests land on
-the CPU (or do nothing), so ``get_forward_backward_func()`` and recompute run over gloo unchanged.
+recompute saves and restores the CUDA RNG state; inference contexts allocate their KV cache on the
+current CUDA device. Inside :func:`megatron_on_cpu` those requests land on the CPU (or do nothing), so
+``get_forward_backward_func()``, recompute and KV-cache decoding run unchanged.
 It is a no-op where CUDA is available.
 """
 

@@ -52,6 +52,14 @@ def test_user_mask_is_applied_on_top_of_causal():
     torch.testing.assert_close(out.double(), plain_attention(q, k, v, allowed), atol=1e-5, rtol=1e-5)
 
 
+def test_fewer_queries_than_keys_are_the_last_positions():
+    # Decoding against a KV cache: 3 new queries over 10 keys attend causally from positions 7, 8, 9.
+    q, k, v = qkv(10, 1, 4, 2)
+    out = attention()(q[7:], k, v, attention_mask=None)
+    allowed = torch.ones(10, 10, dtype=torch.bool).tril()[7:]
+    torch.testing.assert_close(out.double(), plain_attention(q[7:], k, v, allowed), atol=1e-5, rtol=1e-5)
+
+
 def test_packed_thd_equals_sequences_run_separately():
     lengths = [5, 3, 8]
     cu = torch.tensor([0, 5, 8, 16], dtype=torch.int32)

@@ -180,6 +180,25 @@ def test_non_rope_and_llama3_scaling_are_refused():
         tiny_model(tiny_config(), rope_scaling=True)
 
 
+@pytest.mark.parametrize("rope_impl", ["torch", "unfused"])
+def test_kv_cache_decoding_matches_the_full_forward(rope_impl):
+    # Inference takes megatron's unfused RoPE, sliced to the cache position, with per-head frequencies.
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    model = tiny_model(tiny_config(), harpe_rope_impl=rope_impl).eval()
+    ids = tokens(1, 12)
+    with torch.no_grad():
+        full = model(ids, None, None)
+        with megatron_on_cpu():  # the KV cache is allocated on "cuda"
+            context = StaticInferenceContext(max_batch_size=1, max_sequence_length=16)
+            steps = [model(ids[:, :8], None, None, inference_context=context)]
+            context.sequence_len_offset += 8
+            for i in range(8, 12):
+                steps.append(model(ids[:, i : i + 1], None, None, inference_context=context))
+                context.sequence_len_offset += 1
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_unknown_rope_impl_is_refused():
     with pytest.raises(ValueError, match="unknown HARPE RoPE implementation"):
         tiny_model(tiny_config(), harpe_rope_impl="fused")
