@@ -115,18 +115,13 @@ def fwd_bwd_time(fns, seq, dtype, device, repeats):
 
 def model_step_ratio(device, repeats):
     """Tiny Llama: HarpeGPTModel (default kernel) / megatron GPTModel (standard RoPE), one AdamW step each."""
-    import dataclasses
-
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from megatron_harpe import HarpeGPTModel, harpe_layer_spec
-    from megatron_harpe.attention import SDPAttention
     from megatron_harpe.configs import llama_config
     from megatron_harpe.cpu_compat import megatron_on_cpu
     from megatron_harpe.distributed import free_port, init_model_parallel, init_process_group
+    from megatron_harpe.model import standard_layer_spec
 
     if not torch.distributed.is_initialized():
         init_process_group(0, 1, free_port())
@@ -134,18 +129,8 @@ def model_step_ratio(device, repeats):
     seq, vocab = 1024, 1024
     config = llama_config(num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1376,
                           cpu=device.type == "cpu")
-    if device.type == "cuda":
-        spec, standard_spec = harpe_layer_spec("auto"), None
-    else:
-        spec = harpe_layer_spec("local")
-    layer = get_gpt_layer_local_submodules(normalization="RMSNorm")
-    layer = dataclasses.replace(layer, self_attention=dataclasses.replace(
-        layer.self_attention, submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention)))
-    standard_spec = ModuleSpec(module=TransformerLayer, submodules=layer) if device.type == "cpu" else None
-    if standard_spec is None:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        standard_spec = get_gpt_layer_with_transformer_engine_spec()
+    impl = "te" if device.type == "cuda" else "local"  # both models on the same layer implementation
+    spec, standard_spec = harpe_layer_spec(impl), standard_layer_spec(impl)
     torch.manual_seed(0)
     models = {
         "harpe": HarpeGPTModel(config, spec, vocab_size=vocab, max_sequence_length=seq,

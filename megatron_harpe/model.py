@@ -54,18 +54,30 @@ def resolve_impl(impl: str) -> str:
     return impl
 
 
-def _harpe_layer_submodules(impl: str, normalization: str, qk_layernorm: bool) -> TransformerLayerSubmodules:
+def _layer_submodules(impl: str, normalization: str, qk_layernorm: bool) -> TransformerLayerSubmodules:
+    """megatron's own GPT layer submodules; ``local`` with the CPU-capable SDPA core attention."""
     if resolve_impl(impl) == "te":
-        layer = get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=qk_layernorm)
-        attention = dataclasses.replace(layer.self_attention, module=HarpeSelfAttention)
-    else:
-        layer = get_gpt_layer_local_submodules(normalization=normalization, qk_layernorm=qk_layernorm)
-        attention = dataclasses.replace(
-            layer.self_attention,
-            module=HarpeSelfAttention,
-            submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention),
-        )
+        return get_gpt_layer_with_transformer_engine_submodules(qk_layernorm=qk_layernorm)
+    layer = get_gpt_layer_local_submodules(normalization=normalization, qk_layernorm=qk_layernorm)
+    attention = dataclasses.replace(
+        layer.self_attention,
+        submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention),
+    )
     return dataclasses.replace(layer, self_attention=attention)
+
+
+def _harpe_layer_submodules(impl: str, normalization: str, qk_layernorm: bool) -> TransformerLayerSubmodules:
+    layer = _layer_submodules(impl, normalization, qk_layernorm)
+    return dataclasses.replace(layer, self_attention=dataclasses.replace(layer.self_attention, module=HarpeSelfAttention))
+
+
+def standard_layer_spec(impl: str = "auto", *, normalization: str = "RMSNorm", qk_layernorm: bool = False) -> ModuleSpec:
+    """The same layer without HARPE (megatron's SelfAttention, standard RoPE): for baselines and comparisons.
+
+    ``te`` is megatron's Transformer Engine spec unchanged; ``local`` is megatron's local spec with
+    :class:`~megatron_harpe.attention.SDPAttention`, so plain ``GPTModel`` runs on a CPU too.
+    """
+    return ModuleSpec(module=TransformerLayer, submodules=_layer_submodules(impl, normalization, qk_layernorm))
 
 
 def harpe_layer_spec(impl: str = "auto", *, normalization: str = "RMSNorm", qk_layernorm: bool = False) -> ModuleSpec:

@@ -1,15 +1,11 @@
-import dataclasses
-
 import pytest
 import torch
 
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_submodules
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_harpe import HarpeGPTModel, HarpeHybridModel, harpe_hybrid_stack_spec, harpe_layer_spec
+from megatron_harpe.model import standard_layer_spec
 from megatron_harpe.attention import SDPAttention
 from megatron_harpe.cpu_compat import megatron_on_cpu
 from utils import TINY_BASES, VOCAB, reference_llama_logits, tiny_config, tiny_model, tokens
@@ -32,12 +28,9 @@ def test_logits_match_a_plain_per_group_rope_llama():
 
 def plain_gpt(config, base):
     """megatron's own GPTModel with standard RoPE and the same CPU core attention."""
-    layer = get_gpt_layer_local_submodules(normalization="RMSNorm")
-    layer = dataclasses.replace(layer, self_attention=dataclasses.replace(
-        layer.self_attention, submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention)))
     torch.manual_seed(1234)
-    return GPTModel(config, ModuleSpec(module=TransformerLayer, submodules=layer), vocab_size=VOCAB,
-                    max_sequence_length=4096, position_embedding_type="rope", rotary_base=base)
+    return GPTModel(config, standard_layer_spec("local"), vocab_size=VOCAB, max_sequence_length=4096,
+                    position_embedding_type="rope", rotary_base=base)
 
 
 def test_equal_bases_reproduce_megatron_standard_rope_exactly():
@@ -68,10 +61,12 @@ def test_fused_rope_request_is_routed_around():
 def test_fused_rope_with_a_plain_attention_spec_is_refused():
     config = tiny_config()
     config.apply_rope_fusion = True
-    layer = get_gpt_layer_local_submodules(normalization="RMSNorm")
     with pytest.raises(ValueError, match="harpe_layer_spec"):
-        HarpeGPTModel(config, ModuleSpec(module=TransformerLayer, submodules=layer), vocab_size=VOCAB,
-                      max_sequence_length=64, harpe_bases=TINY_BASES)
+        HarpeGPTModel(config, standard_layer_spec("local"), vocab_size=VOCAB, max_sequence_length=64,
+                      harpe_bases=TINY_BASES, harpe_rope_impl="unfused")
+    with pytest.raises(ValueError, match="cannot take HARPE's kernel inputs"):
+        HarpeGPTModel(tiny_config(), standard_layer_spec("local"), vocab_size=VOCAB, max_sequence_length=64,
+                      harpe_bases=TINY_BASES)
 
 
 def loss_and_grads(model, ids):
@@ -206,5 +201,6 @@ def test_unknown_rope_impl_is_refused():
 
 def test_spec_impl_choices():
     assert harpe_layer_spec("local").submodules.self_attention.submodules.core_attention is SDPAttention
+    assert standard_layer_spec("local").submodules.self_attention.module.__name__ == "SelfAttention"
     with pytest.raises(ValueError, match="unknown layer implementation"):
         harpe_layer_spec("cuda")
