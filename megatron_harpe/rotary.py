@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from megatron_harpe.bases import validate_bases
+from megatron_harpe.kernels.torch_rope import join_pairs
 from megatron_harpe.positions import check_cp_divisible, cp_local_indices
 
 
@@ -37,18 +38,11 @@ def inverse_frequencies(bases: Sequence[float], dim: int, device=None) -> Tensor
     return torch.stack([1.0 / (float(b) ** exponents) for b in bases])
 
 
-def frequencies_to_emb(freqs: Tensor, interleaved: bool) -> Tensor:
-    """``[..., dim/2]`` angles -> ``[..., dim]`` in megatron's rotate-half or interleaved layout."""
-    if interleaved:
-        return torch.stack((freqs, freqs), dim=-1).flatten(-2)
-    return torch.cat((freqs, freqs), dim=-1)
-
-
 def materialize_frequencies(positions: Tensor, inv_freq: Tensor, heads_per_group: int,
                             interleaved: bool) -> tuple[Tensor, Tensor]:
     """Megatron's ``(query [s,1,heads,dim], key [s,1,groups,dim])`` frequencies from positions and the table."""
     freqs = positions[:, None, None] * inv_freq[None, :, :]  # == torch.outer per group
-    key_emb = frequencies_to_emb(freqs, interleaved)[:, None]
+    key_emb = join_pairs(freqs, freqs, interleaved)[:, None]  # megatron's cat / interleaved duplication
     if heads_per_group == 1:
         return key_emb, key_emb
     return key_emb.repeat_interleave(heads_per_group, dim=2), key_emb

@@ -22,7 +22,8 @@ def _pairs(x: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
     return x.chunk(2, dim=-1)
 
 
-def _join(a: Tensor, b: Tensor, interleaved: bool) -> Tensor:
+def join_pairs(a: Tensor, b: Tensor, interleaved: bool) -> Tensor:
+    """Inverse of ``_pairs``: lay out (a, b) as halves (rotate-half) or even/odd lanes (interleaved)."""
     if interleaved:
         return torch.stack((a, b), dim=-1).flatten(-2)
     return torch.cat((a, b), dim=-1)
@@ -53,9 +54,9 @@ def _rotate_by(t: Tensor, cos: Tensor, sin: Tensor, interleaved: bool, inverse: 
     c, s = _broadcastable(cos, x.dim()), _broadcastable(sin, x.dim())
     a, b = _pairs(x[..., :rot], interleaved)
     if inverse:  # the transpose: what autograd computes for megatron's forward
-        out = _join(a * c + b * s, b * c - a * s, interleaved)
+        out = join_pairs(a * c + b * s, b * c - a * s, interleaved)
     else:
-        out = _join(a * c - b * s, b * c + a * s, interleaved)
+        out = join_pairs(a * c - b * s, b * c + a * s, interleaved)
     if rot < x.size(-1):
         out = torch.cat((out, x[..., rot:]), dim=-1)
     return out.flatten(-3, -2)
