@@ -17,6 +17,8 @@ setup(
         "nltk",
         "safetensors",
         "tqdm",
+        # megatron.core.dist_checkpointing's file writer needs it (torch_dist checkpoints).
+        "psutil",
     ],
     # Never apex or transformer-engine: both come from NVIDIA's PyTorch container (see docker/).
     extras_require={

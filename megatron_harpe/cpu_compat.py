@@ -3,9 +3,11 @@
 megatron-core's pipeline schedules and p2p communication allocate small bookkeeping tensors with
 ``device="cuda"`` / ``torch.cuda.current_device()`` and call ``torch.cuda.synchronize()``; activation
 recompute saves and restores the CUDA RNG state; inference contexts allocate their KV cache on the
-current CUDA device. Inside :func:`megatron_on_cpu` those requests land on the CPU (or do nothing), so
-``get_forward_backward_func()``, recompute and KV-cache decoding run unchanged.
-It is a no-op where CUDA is available.
+current CUDA device; DDP's gradient buffers wait on the current CUDA stream; the optimizer asserts
+``grad.type() == 'torch.cuda.FloatTensor'``; megatron.training's checkpoints save the CUDA RNG state.
+Inside :func:`megatron_on_cpu` those requests land on the CPU (or do nothing), so
+``get_forward_backward_func()``, recompute, KV-cache decoding, megatron-core's DDP and optimizers and
+megatron.training's checkpointing run unchanged. It is a no-op where CUDA is available.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizer checks type names such as 'torch.cuda.FloatTensor'
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
         if kwargs.get("pin_memory"):
@@ -38,6 +44,19 @@ class _CudaToCpu(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for the current CUDA stream: on a CPU every operation is already ordered."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
 
 
 @contextmanager
@@ -51,6 +70,10 @@ def megatron_on_cpu():
     patches = [
         (torch.cuda, "current_device", lambda: 0),
         (torch.cuda, "synchronize", lambda *a, **k: None),
+        (torch.cuda, "current_stream", lambda *a, **k: _NullStream()),
+        # megatron.training's checkpoints carry a CUDA RNG state; an empty one stands in for it.
+        (torch.cuda, "get_rng_state", lambda *a, **k: torch.empty(0, dtype=torch.uint8)),
+        (torch.cuda, "set_rng_state", lambda *a, **k: None),
         # There is no CUDA RNG to save; the CPU RNG is saved and restored by megatron itself.
         (megatron_random, "_get_cuda_rng_state", lambda *a, **k: None),
         (megatron_random, "_set_cuda_rng_state", lambda *a, **k: None),

@@ -1,0 +1,126 @@
+"""``--harpe-*`` flags on top of Megatron-LM's argument parser, and their validation against the model.
+
+Pass :func:`add_harpe_args` as Megatron's ``extra_args_provider``; after ``validate_args`` call
+:func:`resolve_harpe_args`, which checks the flags against the model shape, turns a strategy into a concrete
+list of bases and writes that list back to ``args.harpe_bases``. Megatron saves ``args`` in every checkpoint,
+so conversion and evaluation read the bases a model was trained with from there
+(:func:`harpe_bases_from_args`).
+
+With no ``--harpe-*`` flag the model is megatron's own Llama with standard RoPE (``--rotary-base``,
+``--rotary-seq-len-interpolation-factor``, ``--position-embedding-type yarn``): the paper's ABF, PI and YaRN
+baselines run through the same entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Optional
+
+from megatron_harpe.bases import PRESETS, STRATEGIES, parse_bases, select_bases, validate_bases
+from megatron_harpe.self_attention import ROPE_IMPLS
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("auto", "megatron", "compact")
+
+
+class HarpeArgumentError(ValueError):
+    """A ``--harpe-*`` flag that does not fit the rest of the command line."""
+
+
+def add_harpe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron ``extra_args_provider``: the HARPE group."""
+    group = parser.add_argument_group(title="HARPE (head-adaptive RoPE bases)")
+    group.add_argument("--harpe-bases", type=str, default=None,
+                       help="one RoPE base per query group: comma-separated numbers or a preset "
+                            f"({', '.join(PRESETS)}: the paper's Table 2 for Llama-2-7B)")
+    group.add_argument("--harpe-strategy", choices=(*STRATEGIES, "none"), default="none",
+                       help="choose the bases at start-up: peak_valley (the paper's Algorithm 1), uniform "
+                            "(Eq. 9) or geometric; 'none' (default) with no --harpe-bases trains standard RoPE")
+    group.add_argument("--harpe-base-min", type=float, default=1e6, help="smallest base (paper: 1e6)")
+    group.add_argument("--harpe-base-max", type=float, default=5e6, help="largest base (paper: 5e6)")
+    group.add_argument("--harpe-stride", type=float, default=30000,
+                       help="peak_valley candidate stride (paper: 30000)")
+    group.add_argument("--harpe-target-length", type=int, default=None,
+                       help="tokens the attention waveform covers in the base search (default: --seq-length)")
+    group.add_argument("--harpe-descending", action="store_true",
+                       help="give the largest base to the first query group (the paper's order ablation)")
+    group.add_argument("--harpe-rope-impl", choices=ROPE_IMPLS, default="auto",
+                       help="how q and k are rotated: auto (Triton on CUDA, torch elsewhere), torch, triton, "
+                            "or unfused (megatron's unfused RoPE with materialized per-head frequencies)")
+    group.add_argument("--harpe-engine", choices=ENGINES, default="auto",
+                       help="megatron: megatron.training.pretrain (CUDA); compact: the megatron-core loop of "
+                            "megatron_harpe.training.compact (CPU or GPU); auto: megatron with CUDA, else compact")
+    group.add_argument("--harpe-metrics-file", type=str, default=None,
+                       help="compact engine: append one JSON line per logged iteration (loss, lr, grad norm, "
+                            "tokens/s) to this file")
+    return parser
+
+
+def harpe_enabled(args: argparse.Namespace) -> bool:
+    return getattr(args, "harpe_bases", None) is not None or getattr(args, "harpe_strategy", "none") != "none"
+
+
+def num_rope_groups(args: argparse.Namespace) -> int:
+    """Query groups (GQA) or attention heads (MHA): one base each."""
+    if getattr(args, "group_query_attention", False) and args.num_query_groups:
+        return args.num_query_groups
+    return args.num_attention_heads
+
+
+def resolve_harpe_args(args: argparse.Namespace) -> Optional[list[float]]:
+    """Validate the ``--harpe-*`` flags against the model and fix the bases; ``None`` means standard RoPE.
+
+    On return ``args.harpe_bases`` is the list of floats the model is built with (or ``None``).
+    Raises :class:`HarpeArgumentError` with what to change.
+    """
+    if not harpe_enabled(args):
+        return None
+    strategy = args.harpe_strategy
+    bases = args.harpe_bases
+    if isinstance(bases, str) and strategy != "none":
+        raise HarpeArgumentError(
+            f"give either --harpe-bases or --harpe-strategy, not both (got --harpe-bases {bases!r} and "
+            f"--harpe-strategy {strategy})")
+    if args.position_embedding_type != "rope":
+        raise HarpeArgumentError(
+            f"HARPE is a RoPE variant: use --position-embedding-type rope (got {args.position_embedding_type!r}); "
+            "YaRN and learned positions are baselines without --harpe-* flags")
+    if getattr(args, "use_rope_scaling", False):
+        raise HarpeArgumentError("--use-rope-scaling (Llama-3 frequency scaling) cannot be combined with HARPE bases")
+    groups = num_rope_groups(args)
+    tp = args.tensor_model_parallel_size
+    if groups % tp:
+        raise HarpeArgumentError(
+            f"HARPE gives each query group its own base, and tensor parallelism splits whole groups: "
+            f"{groups} query groups do not divide by --tensor-model-parallel-size {tp}")
+    head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
+    try:
+        if isinstance(bases, str):
+            chosen = parse_bases(bases)
+        elif bases is not None:  # already resolved (args read back from a checkpoint)
+            chosen = list(bases)
+        else:
+            target = args.harpe_target_length or args.seq_length
+            chosen = select_bases(groups, strategy, args.harpe_base_min, args.harpe_base_max, head_dim=head_dim,
+                                  target_length=target, stride=args.harpe_stride, descending=args.harpe_descending)
+        chosen = validate_bases(chosen, groups)
+    except ValueError as e:
+        raise HarpeArgumentError(str(e)) from None
+    if isinstance(bases, str) and args.harpe_descending:
+        chosen = sorted(chosen, reverse=True)
+    args.harpe_bases = chosen
+    logger.info("HARPE bases (%d, one per query group, %s): %s", len(chosen),
+                strategy if strategy != "none" else "given", ", ".join(f"{b:.6g}" for b in chosen))
+    return chosen
+
+
+def harpe_bases_from_args(args: argparse.Namespace) -> Optional[list[float]]:
+    """The bases a checkpoint's saved ``args`` were trained with (``None``: standard RoPE)."""
+    bases = getattr(args, "harpe_bases", None)
+    if bases is None:
+        return None
+    if isinstance(bases, str):  # saved before resolution; should not happen for our own checkpoints
+        return parse_bases(bases)
+    return [float(b) for b in bases]

@@ -1,0 +1,273 @@
+"""The compact engine: Megatron-LM's pretraining loop in a page, on megatron-core, for CPUs (and GPUs).
+
+``megatron.training.pretrain`` needs CUDA. This loop takes the same parsed flags and runs the same pieces —
+megatron-core's ``DistributedDataParallel``, ``get_megatron_optimizer`` (AdamW, gradient clipping),
+``OptimizerParamScheduler`` (Megatron's LR schedule), ``get_forward_backward_func`` (TP, PP, CP, micro-batches),
+the GPT datasets — and saves and resumes with ``megatron.training.checkpointing`` (``torch_dist`` or ``torch``),
+so its checkpoints are Megatron-LM checkpoints. On a CPU it runs over gloo inside
+:func:`~megatron_harpe.cpu_compat.megatron_on_cpu`. Flags it cannot honour are refused up front
+(:func:`check_compact_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_harpe.cpu_compat import megatron_on_cpu
+from megatron_harpe.distributed import free_port
+from megatron_harpe.training.data import train_valid_test_datasets_provider
+from megatron_harpe.training.forward_step import forward_step
+from megatron_harpe.training.model_provider import build_model
+
+
+class UnsupportedFlagError(ValueError):
+    """A Megatron-LM flag the compact engine does not implement."""
+
+
+def _unsupported(args: argparse.Namespace, on_cpu: bool) -> list[str]:
+    problems = []
+
+    def refuse(condition, flag, what_to_do):
+        if condition:
+            problems.append(f"{flag}: {what_to_do}")
+
+    refuse(args.virtual_pipeline_model_parallel_size is not None or args.num_layers_per_virtual_pipeline_stage,
+           "--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-pipeline-rank",
+           "interleaved pipelines need --harpe-engine megatron")
+    refuse(getattr(args, "num_experts", None), "--num-experts", "MoE is not part of Llama-2; drop it")
+    refuse(getattr(args, "fp8", None), "--fp8-format", "FP8 needs Transformer Engine and --harpe-engine megatron")
+    refuse(args.use_torch_fsdp2 or args.use_megatron_fsdp, "--use-torch-fsdp2 / --use-megatron-fsdp",
+           "use --harpe-engine megatron")
+    refuse(args.async_save, "--async-save", "drop it (the compact engine saves synchronously)")
+    refuse(args.exit_duration_in_mins, "--exit-duration-in-mins", "use --exit-interval")
+    refuse(args.train_iters is None, "--train-samples", "the compact engine counts iterations: give --train-iters")
+    refuse(args.skip_train, "--skip-train", "the compact engine trains; evaluate with tools/eval_*.py")
+    refuse(args.ckpt_format not in ("torch_dist", "torch"), f"--ckpt-format {args.ckpt_format}",
+           "use torch_dist (default) or torch")
+    if on_cpu:
+        refuse(args.fp16 or args.bf16, "--fp16 / --bf16", "the CPU runs in fp32: drop the flag")
+        refuse(args.sequence_parallel, "--sequence-parallel",
+               "gloo has no reduce-scatter: drop it on the CPU (it changes memory, not results)")
+        refuse(args.use_distributed_optimizer, "--use-distributed-optimizer", "drop it on the CPU")
+        refuse(args.overlap_grad_reduce or args.overlap_param_gather, "--overlap-grad-reduce / --overlap-param-gather",
+               "overlap needs CUDA streams: drop it on the CPU")
+        refuse(args.tp_comm_overlap, "--tp-comm-overlap", "drop it on the CPU")
+    return problems
+
+
+def check_compact_args(args: argparse.Namespace) -> None:
+    """Refuse, all at once, the flags this engine does not implement."""
+    problems = _unsupported(args, on_cpu=not torch.cuda.is_available())
+    if problems:
+        raise UnsupportedFlagError(
+            "the compact engine does not support these flags:\n  " + "\n  ".join(problems))
+
+
+def prepare_args_for_cpu(args: argparse.Namespace) -> None:
+    """CPU settings for flags whose Megatron defaults assume CUDA (fusions, initialisation, backend)."""
+    args.use_cpu_initialization = True
+    args.distributed_backend = "gloo"
+    for flag in ("gradient_accumulation_fusion", "bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
+                 "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm", "cross_entropy_loss_fusion"):
+        if hasattr(args, flag):
+            setattr(args, flag, False)
+    args.no_persist_layer_norm = True
+    args.transformer_impl = "local"
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """torchrun's environment when present, else one process on a free loopback port."""
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(
+        backend=args.distributed_backend, rank=args.rank, world_size=args.world_size,
+        timeout=timedelta(minutes=args.distributed_timeout_minutes))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+    )
+
+
+def _set_seed(args: argparse.Namespace) -> None:
+    """Megatron's seeding; on a CPU also the (empty) CUDA RNG tracker states its checkpoints expect."""
+    from megatron.core import tensor_parallel
+    from megatron.training.initialize import _set_random_seed
+
+    _set_random_seed(args.seed, args.data_parallel_random_init)
+    if not torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(
+            args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+
+
+def _build(args: argparse.Namespace):
+    from megatron.core.transformer.module import Float16Module
+    from megatron.training.training import (get_megatron_ddp_config, get_megatron_optimizer_config,
+                                            get_optimizer_param_scheduler)
+
+    pre = parallel_state.is_pipeline_first_stage()
+    post = parallel_state.is_pipeline_last_stage()
+    module = build_model(args, pre, post)
+    if torch.cuda.is_available():
+        module.cuda(torch.cuda.current_device())
+    config = module.config
+    if args.fp16 or args.bf16:
+        module = Float16Module(config, module)
+    ddp_config = get_megatron_ddp_config(args)
+    model = [DistributedDataParallel(config, ddp_config, module,
+                                     disable_bucketing=parallel_state.get_pipeline_model_parallel_rank() > 0)]
+    optimizer_config, config_overrides = get_megatron_optimizer_config(args)
+    optimizer = get_megatron_optimizer(optimizer_config, model, config_overrides=config_overrides)
+    scheduler = get_optimizer_param_scheduler(optimizer)
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = model[0].no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    return model, optimizer, scheduler, config
+
+
+def _reduce_losses(losses_reduced: list[dict]) -> dict[str, float]:
+    """Token-weighted mean of each reported loss over micro-batches and data-parallel (x CP) ranks."""
+    out = {}
+    if not losses_reduced:
+        return out
+    for key in losses_reduced[0]:
+        total = torch.stack([x[key].view(-1) for x in losses_reduced]).sum(0)
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        out[key] = (total[0] / total[1].clamp(min=1)).item()
+    return out
+
+
+class MetricsLog:
+    """One JSON line per logged iteration, written by the last rank (``--harpe-metrics-file``)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path if path and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 else None
+
+    def write(self, record: dict) -> None:
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_test_datasets_provider,
+          step_func: Callable = forward_step) -> dict:
+    """Run the compact engine with parsed and validated Megatron ``args``; returns the last iteration's metrics."""
+    from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+    from megatron.training.global_vars import set_global_variables
+    from megatron.training.training import build_train_valid_test_data_iterators
+    from megatron.training.utils import print_rank_0, print_rank_last
+
+    check_compact_args(args)
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
+        prepare_args_for_cpu(args)
+    if args.eval_interval is None:  # megatron's sample counts need it; evaluate once, at the end
+        args.eval_interval = args.train_iters
+    init_distributed(args)
+    metrics = MetricsLog(getattr(args, "harpe_metrics_file", None))
+    last = {}
+    with megatron_on_cpu():
+        _set_seed(args)
+        set_global_variables(args, build_tokenizer=True)
+        model, optimizer, scheduler, config = _build(args)
+        args.iteration, args.num_floating_point_operations_so_far = 0, 0
+        if args.load is not None or args.pretrained_checkpoint is not None:
+            args.iteration, args.num_floating_point_operations_so_far = load_checkpoint(model, optimizer, scheduler)
+        print_rank_0(f"compact engine: {args.world_size} rank(s) (TP {args.tensor_model_parallel_size}, "
+                     f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, "
+                     f"DP {args.data_parallel_size}) on {'CPU/gloo' if on_cpu else 'CUDA'}, starting at iteration "
+                     f"{args.iteration}")
+        train_iter, valid_iter, _ = build_train_valid_test_data_iterators(datasets_provider)
+        if isinstance(valid_iter, list):  # TP ranks > 0 hold no iterator but take part through broadcasts
+            valid_iter = valid_iter[0] if valid_iter else None
+        forward_backward = get_forward_backward_func()
+        iteration = args.iteration
+        window_start, window_tokens = time.time(), 0
+        saved_at = None
+        while iteration < args.train_iters:
+            for chunk in model:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            losses = forward_backward(
+                forward_step_func=step_func, data_iterator=train_iter, model=model,
+                num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size, decoder_seq_length=args.decoder_seq_length,
+                forward_only=False)
+            update_ok, grad_norm, _ = optimizer.step()
+            if update_ok:
+                scheduler.step(increment=args.global_batch_size)
+            iteration += 1
+            args.iteration = iteration
+            args.consumed_train_samples += args.global_batch_size
+            window_tokens += args.global_batch_size * args.seq_length
+            reduced = _reduce_losses(losses) if parallel_state.is_pipeline_last_stage() else {}
+            if reduced and not all(math.isfinite(v) for v in reduced.values()):
+                raise FloatingPointError(f"iteration {iteration}: loss is {reduced}; lower --lr or check the data")
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                elapsed = time.time() - window_start
+                last = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), **reduced}
+                print_rank_last(
+                    f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: "
+                    f"{args.consumed_train_samples:10d} | learning rate: {last['lr']:.6E} | "
+                    + "".join(f"{k}: {v:.6E} | " for k, v in reduced.items())
+                    + f"grad norm: {last['grad_norm'] or 0:.3f} | tokens/s: {last['tokens_per_s']:.1f}")
+                metrics.write(last)
+                window_start, window_tokens = time.time(), 0
+            if args.do_valid and args.eval_iters and iteration % args.eval_interval == 0:
+                evaluate(args, model, valid_iter, step_func, forward_backward, get_num_microbatches(), iteration, metrics)
+            exiting = bool(args.exit_interval and iteration % args.exit_interval == 0)
+            if args.save and ((args.save_interval and iteration % args.save_interval == 0)
+                              or exiting or iteration == args.train_iters):
+                save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
+                                checkpointing_context={})
+                saved_at = iteration
+                window_start = time.time()  # throughput excludes checkpoint time
+            if exiting:
+                print_rank_0(f"exiting at iteration {iteration} (--exit-interval)")
+                break
+        if saved_at is not None:
+            print_rank_0(f"checkpoint at iteration {saved_at} in {args.save}")
+    torch.distributed.barrier()
+    return last
+
+
+def evaluate(args, model, valid_iter, step_func, forward_backward, num_microbatches, iteration, metrics) -> None:
+    from megatron.training.utils import print_rank_last
+
+    for chunk in model:
+        chunk.eval()
+    totals = []
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            totals += forward_backward(forward_step_func=step_func, data_iterator=valid_iter, model=model,
+                                       num_microbatches=num_microbatches, seq_length=args.seq_length,
+                                       micro_batch_size=args.micro_batch_size, forward_only=True)
+    for chunk in model:
+        chunk.train()
+    if parallel_state.is_pipeline_last_stage():
+        reduced = _reduce_losses(totals)
+        print_rank_last(f" validation at iteration {iteration} | "
+                        + " | ".join(f"{k}: {v:.6E} | {k} PPL: {math.exp(min(20, v)):.6E}" for k, v in reduced.items()))
+        metrics.write({"iteration": iteration, "split": "valid", **reduced})
