@@ -62,6 +62,19 @@ def test_tp2_and_pp2_losses_fall(tmp_path):
     assert (tmp_path / "tp2" / "checkpoints" / "iter_0000012").is_dir()
 
 
+@pytest.mark.multirank
+def test_cp2_trains_exactly_like_one_rank(tmp_path):
+    """Megatron's CP batch slicing, HARPE positions on each CP rank and the CP loss reduction, end to end."""
+    quick = dict(TRAIN_ITERS="5", WARMUP_ITERS="2", EVAL_ITERS="0", SEQ_LENGTH="128")
+    one = launch(tmp_path / "cp1", NPROC="1", TP="1", **quick)
+    two = launch(tmp_path / "cp2", NPROC="2", TP="1", CP="2", **quick)
+    finish(one), finish(two)
+    cp1, cp2 = losses(tmp_path / "cp1"), losses(tmp_path / "cp2")
+    assert sorted(cp1) == sorted(cp2) == [1, 2, 3, 4, 5]
+    for i in cp1:
+        assert cp2[i] == pytest.approx(cp1[i], rel=1e-5, abs=0), (cp1, cp2)
+
+
 def test_refuses_to_overwrite_without_force(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     marker = tmp_path / "run" / "checkpoints" / "keep"
