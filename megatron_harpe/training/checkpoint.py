@@ -17,7 +17,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_harpe.cpu_compat import megatron_on_cpu
-from megatron_harpe.training.model_provider import build_model, transformer_config
+from megatron_harpe.training.model_provider import build_model
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -57,16 +57,21 @@ def _torch_shard_files(path: str) -> list[str]:
     return sorted(glob.glob(os.path.join(path, "mp_rank_*", "model_optim_rng.pt")))
 
 
-def load_checkpoint_args(root: str, iteration: Optional[int] = None) -> argparse.Namespace:
-    """The Megatron ``args`` saved with the checkpoint (model shape, parallel sizes, ``harpe_bases``)."""
-    path = iteration_dir(root, iteration)
-    if checkpoint_format(path) == "torch_dist":
+def _common_state(path: str, fmt: str) -> dict:
+    """The non-sharded state (args, iteration, ...); for ``torch`` format the whole rank-0 shard, weights included."""
+    if fmt == "torch_dist":
         common = dist_checkpointing.load_common_state_dict(path)
     else:
         common = torch.load(_torch_shard_files(path)[0], map_location="cpu", weights_only=False)
     if "args" not in common:
         raise CheckpointError(f"{path} carries no saved args; it was not written by Megatron-LM's checkpointing")
-    return common["args"]
+    return common
+
+
+def load_checkpoint_args(root: str, iteration: Optional[int] = None) -> argparse.Namespace:
+    """The Megatron ``args`` saved with the checkpoint (model shape, parallel sizes, ``harpe_bases``)."""
+    path = iteration_dir(root, iteration)
+    return _common_state(path, checkpoint_format(path))["args"]
 
 
 def load_model(root: str, iteration: Optional[int] = None, *, rope_impl: Optional[str] = None):
@@ -75,10 +80,10 @@ def load_model(root: str, iteration: Optional[int] = None, *, rope_impl: Optiona
     Needs megatron's ``parallel_state`` initialised; for ``torch_dist`` any TP/PP works (one rank: TP=PP=1).
     Returns ``(model, args)``; the model is in eval mode, fp32 on the CPU.
     """
-    args = load_checkpoint_args(root, iteration)
     path = iteration_dir(root, iteration)
     fmt = checkpoint_format(path)
-    args = argparse.Namespace(**vars(args))
+    common = _common_state(path, fmt)
+    args = argparse.Namespace(**vars(common["args"]))
     args.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     args.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
     args.context_parallel_size = parallel_state.get_context_parallel_world_size()
@@ -91,15 +96,14 @@ def load_model(root: str, iteration: Optional[int] = None, *, rope_impl: Optiona
     args.bf16 = args.fp16 = False
     args.params_dtype = torch.float32
     with megatron_on_cpu():
-        model = build_model(args, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage(),
-                            config=transformer_config(args))
+        model = build_model(args, parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage())
         if fmt == "torch_dist":
             state = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
         else:
             if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
                 raise CheckpointError("torch-format checkpoints load at the layout they were saved with; "
                                       "use tools/convert (issue 6) to reshard, or save with --ckpt-format torch_dist")
-            state = torch.load(_torch_shard_files(path)[0], map_location="cpu", weights_only=False)["model"]
+            state = common["model"]  # the rank-0 shard read above holds the weights
         result = model.load_state_dict(state, strict=False)
     # Transformer Engine's _extra_state entries may legitimately differ; every weight must be there.
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

@@ -27,14 +27,15 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_harpe.arguments import HarpeArgumentError
 from megatron_harpe.cpu_compat import megatron_on_cpu
-from megatron_harpe.distributed import free_port
+from megatron_harpe.distributed import free_port, init_model_parallel
 from megatron_harpe.training.data import train_valid_test_datasets_provider
 from megatron_harpe.training.forward_step import forward_step
 from megatron_harpe.training.model_provider import build_model
 
 
-class UnsupportedFlagError(ValueError):
+class UnsupportedFlagError(HarpeArgumentError):
     """A Megatron-LM flag the compact engine does not implement."""
 
 
@@ -82,9 +83,8 @@ def prepare_args_for_cpu(args: argparse.Namespace) -> None:
     args.use_cpu_initialization = True
     args.distributed_backend = "gloo"
     for flag in ("gradient_accumulation_fusion", "bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
-                 "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm", "cross_entropy_loss_fusion"):
-        if hasattr(args, flag):
-            setattr(args, flag, False)
+                 "masked_softmax_fusion", "apply_rope_fusion", "cross_entropy_loss_fusion"):
+        setattr(args, flag, False)
     args.no_persist_layer_norm = True
     args.transformer_impl = "local"
 
@@ -102,11 +102,8 @@ def init_distributed(args: argparse.Namespace) -> None:
     torch.distributed.init_process_group(
         backend=args.distributed_backend, rank=args.rank, world_size=args.world_size,
         timeout=timedelta(minutes=args.distributed_timeout_minutes))
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-    )
+    init_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                        args.context_parallel_size)
 
 
 def _set_seed(args: argparse.Namespace) -> None:

@@ -77,13 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_and_validate(argv)
         engine = choose_engine(args)
         if engine == "compact":
-            from megatron_harpe.training.compact import UnsupportedFlagError, check_compact_args, train
+            from megatron_harpe.training.compact import train
 
-            try:
-                check_compact_args(args)
-            except UnsupportedFlagError as e:
-                raise HarpeArgumentError(str(e)) from None
-            train(args)
+            train(args)  # refuses unsupported flags (a HarpeArgumentError) before it starts anything
         else:
             _run_megatron(args)
     except HarpeArgumentError as e:

@@ -29,15 +29,12 @@ def layer_impl(args: argparse.Namespace) -> str:
     return impl
 
 
-def transformer_config(args: argparse.Namespace) -> TransformerConfig:
-    from megatron.training.arguments import core_transformer_config_from_args
-
-    return core_transformer_config_from_args(args)
-
-
 def build_model(args: argparse.Namespace, pre_process: bool = True, post_process: bool = True, *,
                 vp_stage: Optional[int] = None, config: Optional[TransformerConfig] = None, pg_collection=None):
-    config = config or transformer_config(args)
+    if config is None:
+        from megatron.training.arguments import core_transformer_config_from_args
+
+        config = core_transformer_config_from_args(args)
     impl = layer_impl(args)
     common = dict(
         vocab_size=args.padded_vocab_size,
