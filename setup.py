@@ -19,6 +19,8 @@ setup(
         "tqdm",
         # megatron.core.dist_checkpointing's file writer needs it (torch_dist checkpoints).
         "psutil",
+        # sentencepiece's model proto (the tokenizer checks a model before word-cached encoding).
+        "protobuf",
     ],
     # Never apex or transformer-engine: both come from NVIDIA's PyTorch container (see docker/).
     extras_require={

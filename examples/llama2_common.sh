@@ -60,6 +60,7 @@ harpe_settings() {
   LOAD=${LOAD:-}                      # converted Hugging Face checkpoint (tools/convert_hf_to_megatron.py)
   DATA_PATH=${DATA_PATH:-}            # Megatron blend: "PREFIX" or "W1 PREFIX1 W2 PREFIX2 ..."
   TOKENIZER_MODEL=${TOKENIZER_MODEL:-}
+  SPLIT=${SPLIT:-99990,8,2}           # train,valid,test shares of DATA_PATH's documents
   MOCK_DATA=${MOCK_DATA:-0}
   PYTHON=${PYTHON:-python}
   LAUNCHER=${LAUNCHER:-torchrun}      # torchrun, or "python" for one process (CPU runs)
@@ -101,7 +102,7 @@ harpe_megatron_args() {
   else
     local data=${DATA_PATH:-} tok=${TOKENIZER_MODEL:-}
     if [[ $placeholder_ok == 1 ]]; then data=${data:-'<DATA_PATH>'}; tok=${tok:-'<TOKENIZER_MODEL>'}; fi
-    ARGS+=( --data-path $data --split 99990,8,2 --tokenizer-type Llama2Tokenizer --tokenizer-model "$tok" )
+    ARGS+=( --data-path $data --split "$SPLIT" --tokenizer-type Llama2Tokenizer --tokenizer-model "$tok" )
   fi
   # shellcheck disable=SC2206
   ARGS+=( ${ROPE_ARGS[@]+"${ROPE_ARGS[@]}"} $EXTRA_ARGS )

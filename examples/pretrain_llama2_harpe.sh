@@ -3,7 +3,7 @@
 # one RoPE base per head from the paper's Table 2, 6B tokens at ~4M tokens/step, lr 2e-5 constant,
 # AdamW (0.9, 0.95), bf16, TE flash attention. Any setting is an environment variable (examples/llama2_common.sh).
 #
-#   LOAD=checkpoints/llama2-7b-tp4 DATA_PATH=data/mix_text_document TOKENIZER_MODEL=llama2/tokenizer.model \
+#   LOAD=checkpoints/llama2-7b-tp4 DATA_PATH=data/mixture TOKENIZER_MODEL=llama2/tokenizer.model \
 #     examples/pretrain_llama2_harpe.sh            # --dry-run prints the command
 #
 # HARPE_ARGS chooses the bases. Default for 7B: the paper's list. The documented alternative searches them

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A tiny Llama-shaped HARPE model (2 layers, 4 heads in 2 query groups) trained for a few dozen iterations on a
-# CPU with the compact engine: mock data by default (DATA_PATH + TOKENIZER_MODEL for real data), tensor
-# parallel 2 over gloo. Checks a configuration end to end before cluster hours are spent.
+# CPU with the compact engine: mock data by default (DATA_PATH + TOKENIZER_MODEL for real data, e.g. from
+# examples/prepare_tiny_data_cpu.sh), tensor parallel 2 over gloo. Checks a configuration end to end before
+# cluster hours are spent.
 # Usage: examples/pretrain_tiny_harpe_cpu.sh [OUTDIR] [--force] [--dry-run]    (settings: examples/llama2_common.sh)
 set -euo pipefail
 source "$(dirname "$0")/llama2_common.sh"

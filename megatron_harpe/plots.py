@@ -1,4 +1,4 @@
-"""Pictures of HARPE bases: per-head attention waveforms, their mean, and the bases themselves."""
+"""Pictures: HARPE bases (per-head attention waveforms, their mean, the bases) and data-mixture histograms."""
 
 from __future__ import annotations
 
@@ -10,15 +10,28 @@ import numpy as np
 from megatron_harpe.bases import attention_waveform
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_bases(bases: Sequence[float], path: str, *, head_dim: int, target_length: int,
                single_base: Optional[float] = None, compare: Optional[Sequence[float]] = None,
                compare_label: str = "paper Table 2", title: str = "HARPE bases") -> str:
     """Write a PNG: waveforms per head and averaged (against one ABF base), and the base of each head."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (wave_ax, base_ax) = plt.subplots(2, 1, figsize=(11, 8), gridspec_kw={"height_ratios": [3, 2]})
     colours = plt.cm.viridis(np.linspace(0, 1, len(bases)))
     waves = []
@@ -43,8 +56,29 @@ def plot_bases(bases: Sequence[float], path: str, *, head_dim: int, target_lengt
     base_ax.set_xlabel("head (query group)")
     base_ax.set_ylabel("RoPE base (millions)")
     base_ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+def plot_length_histogram(histogram: dict, sources: Sequence[dict], path: str) -> str:
+    """Write a PNG: token share per document-length bin (sources vs mixture) and each source's share."""
+    plt = _pyplot()
+    fig, (bins_ax, share_ax) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(histogram["bins"]))
+    bins_ax.bar(x - 0.2, np.asarray(histogram["sources"]["tokens"]) * 100, 0.4, label="source mix, not upsampled")
+    bins_ax.bar(x + 0.2, np.asarray(histogram["mixture"]["tokens"]) * 100, 0.4, label="upsampled mixture")
+    bins_ax.set_xticks(x, histogram["bins"], rotation=30)
+    bins_ax.set_xlabel("document length (tokens)")
+    bins_ax.set_ylabel("share of tokens (%)")
+    bins_ax.set_title("Document lengths before and after per-source upsampling")
+    bins_ax.legend()
+    names = [s["name"] for s in sources]
+    y = np.arange(len(names))
+    total = sum(s["tokens"] for s in sources) or 1
+    share_ax.barh(y - 0.27, [100 * s["tokens"] / total for s in sources], 0.27, label="datasets given")
+    share_ax.barh(y, [100 * s["weight"] for s in sources], 0.27, label="spec")
+    share_ax.barh(y + 0.27, [100 * s["share"] for s in sources], 0.27, label="mixture")
+    share_ax.set_yticks(y, names)
+    share_ax.set_xlabel("share of tokens (%)")
+    share_ax.set_title("Source mix")
+    share_ax.legend()
+    return _save(fig, path)

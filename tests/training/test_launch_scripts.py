@@ -14,7 +14,7 @@ PAPER_TOKENS = 6e9
 
 
 def dry_run(script, **env):
-    full_env = dict(os.environ, DATA_PATH="data/mix_text_document", TOKENIZER_MODEL="llama2/tokenizer.model",
+    full_env = dict(os.environ, DATA_PATH="data/mixture", TOKENIZER_MODEL="llama2/tokenizer.model",
                     LOAD="checkpoints/llama2-7b-megatron", **env)
     proc = subprocess.run([os.path.join(REPO, "examples", script), "--dry-run"], capture_output=True, text=True,
                           env=full_env, timeout=60)
@@ -50,7 +50,7 @@ def check_paper_recipe(args, world, seq_length=131072):
                     * args.context_parallel_size) == 0
     assert args.recompute_granularity == "full" and args.sequence_parallel
     assert args.pretrained_checkpoint == "checkpoints/llama2-7b-megatron"  # LOAD: fine-tune from the converted model
-    assert args.data_path == ["data/mix_text_document"] and args.tokenizer_type == "Llama2Tokenizer"
+    assert args.data_path == ["data/mixture"] and args.tokenizer_type == "Llama2Tokenizer"
 
 
 def test_harpe_7b_uses_table_2(monkeypatch):
@@ -65,6 +65,12 @@ def test_harpe_peak_valley_alternative(monkeypatch):
     (command,) = dry_run("pretrain_llama2_harpe.sh", HARPE_ARGS="--harpe-strategy uniform")
     args, world = parsed(command, monkeypatch)
     assert len(args.harpe_bases) == 32 and args.harpe_bases[0] == 1e6 and args.harpe_bases[-1] == 5e6
+
+
+def test_split_is_a_setting(monkeypatch):
+    (command,) = dry_run("pretrain_llama2_harpe.sh", SPLIT="90,10,0")
+    args, _ = parsed(command, monkeypatch)
+    assert args.split == "90,10,0"
 
 
 @pytest.mark.parametrize("script, shape, groups", [

@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""tools/preprocess_data.py against Megatron-LM's own tools/preprocess_data.py, side by side in one run.
+
+    python benchmarks/preprocess.py --megatron-lm /path/to/Megatron-LM      # its tools/preprocess_data.py is run
+    python benchmarks/preprocess.py --sizes 20,40,80 --workers 1,2
+
+Both tools get the same synthetic JSONL corpus (Fu et al.'s SlimPajama source mix of document lengths), the same
+2000-piece sentencepiece BPE model (trained here), ``--tokenizer-type SentencePieceTokenizer --append-eod`` and the
+same ``--workers``, as separate processes. For each size and worker count it records wall time, tokens written and
+the peak memory of the whole process tree (proportional set size, so pages forked workers share count once;
+sampled every 50 ms), and checks that the two token streams (.bin and
+.idx) are byte-identical. Throughput is marginal: (tokens at the largest size - tokens at the smallest) / (extra
+wall time), which cancels both tools' fixed start-up (python imports of torch and megatron, ~6 s here) so the number
+is what a large corpus sees; the end-to-end rate at the largest size is printed too. The contenders alternate
+within each configuration. The table comes last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = os.path.join(REPO, "tools", "preprocess_data.py")
+MIX = {"commoncrawl": 0.67, "c4": 0.15, "github": 0.045, "wikipedia": 0.045, "book": 0.045, "arxiv": 0.025,
+       "stackexchange": 0.02}
+
+
+def make_corpus(path: str, megabytes: int, seed: int = 0) -> str:
+    """A JSONL corpus of about ``megabytes`` MB with Fu et al.'s source mix (by bytes)."""
+    from megatron_harpe.data.synthetic import source_documents
+
+    if os.path.exists(path) and os.path.getsize(path) >= megabytes * 1e6 * 0.98:
+        return path
+    generators = {s: source_documents(s, 10**9, seed=seed + i) for i, s in enumerate(MIX)}
+    written = dict.fromkeys(MIX, 0)
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        total = 0
+        while total < megabytes * 1e6:
+            source = min(MIX, key=lambda s: written[s] / MIX[s])  # the source furthest below its share
+            line = json.dumps(next(generators[source])) + "\n"
+            f.write(line)
+            written[source] += len(line)
+            total += len(line)
+    os.replace(path + ".partial", path)
+    return path
+
+
+def peak_tree_pss(process: psutil.Popen) -> int:
+    """Peak proportional set size of a process and its children (forked workers' shared pages counted once)."""
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [process] + process.children(recursive=True)
+            peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    return peak
+
+
+def run_tool(script: str, corpus: str, prefix: str, model: str, workers: int) -> dict:
+    command = [sys.executable, script, "--input", corpus, "--output-prefix", prefix, "--tokenizer-type",
+               "SentencePieceTokenizer", "--tokenizer-model", model, "--append-eod", "--workers", str(workers),
+               "--log-interval", "1000000"]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    start = time.perf_counter()
+    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
+    peak = peak_tree_pss(process)
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dataset = IndexedDataset(prefix + "_text_document")
+    tokens = int(dataset.sequence_lengths.sum())
+    del dataset
+    return {"wall_s": wall, "tokens": tokens, "peak_pss_mib": peak / 2**20}
+
+
+def same_files(prefix_a: str, prefix_b: str) -> bool:
+    for suffix in ("_text_document.bin", "_text_document.idx"):
+        with open(prefix_a + suffix, "rb") as a, open(prefix_b + suffix, "rb") as b:
+            while True:
+                block_a, block_b = a.read(1 << 24), b.read(1 << 24)
+                if block_a != block_b:
+                    return False
+                if not block_a:
+                    break
+    return True
+
+
+def find_megatron_script(path: str) -> str:
+    if path is None:
+        return None
+    script = path if path.endswith(".py") else os.path.join(path, "tools", "preprocess_data.py")
+    if not os.path.isfile(script):
+        sys.exit(f"error: no Megatron-LM preprocess_data.py at {script}: give a Megatron-LM checkout "
+                 "(git clone -b core_v0.19.0 https://github.com/NVIDIA/Megatron-LM) or the script itself")
+    return script
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--megatron-lm", default=os.environ.get("MEGATRON_LM"),
+                   help="Megatron-LM checkout (or its tools/preprocess_data.py); $MEGATRON_LM")
+    p.add_argument("--sizes", default="20,160", help="corpus sizes in MB (smallest and largest give the rate)")
+    p.add_argument("--workers", default="1,2")
+    p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "harpe_preprocess_bench"))
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    megatron = find_megatron_script(args.megatron_lm)
+    if megatron is None:
+        print("note: no --megatron-lm given: measuring tools/preprocess_data.py alone (no ratio, no identity check)")
+    os.makedirs(args.work_dir, exist_ok=True)
+
+    from megatron_harpe.data.synthetic import FillerText
+    from megatron_harpe.data.tokenizer import train_sentencepiece
+
+    model = os.path.join(args.work_dir, "bpe2k.model")
+    if not os.path.exists(model):
+        train_sentencepiece((FillerText(seed=s).document(20000) for s in range(20)), model[:-len(".model")],
+                            vocab_size=2000)
+    corpora = {size: make_corpus(os.path.join(args.work_dir, f"corpus_{size}mb.jsonl"), size) for size in sizes}
+    tools = {"ours": OURS} | ({"megatron-lm": megatron} if megatron else {})
+    results = []
+    for workers in worker_counts:
+        for size in sizes:
+            prefixes = {}
+            for name, script in tools.items():
+                prefix = os.path.join(args.work_dir, f"out_{name}_{size}_{workers}")
+                for suffix in ("_text_document.bin", "_text_document.idx"):
+                    if os.path.exists(prefix + suffix):
+                        os.remove(prefix + suffix)
+                result = run_tool(script, corpora[size], prefix, model, workers)
+                result.update(tool=name, size_mb=size, workers=workers)
+                results.append(result)
+                prefixes[name] = prefix
+                print(f"{name:>12}  {size:4d} MB  {workers} worker(s)  {result['wall_s']:7.2f} s  "
+                      f"{result['tokens'] / result['wall_s'] / 1e6:6.2f} M tok/s end to end  "
+                      f"peak {result['peak_pss_mib']:7.0f} MiB", flush=True)
+            if megatron:
+                identical = same_files(prefixes["ours"], prefixes["megatron-lm"])
+                results.append({"tool": "identical", "size_mb": size, "workers": workers, "identical": identical})
+                print(f"    token streams identical: {identical}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+    def pick(tool, size, workers):
+        return next(r for r in results if r["tool"] == tool and r["size_mb"] == size and r["workers"] == workers)
+
+    print(f"\nsynthetic JSONL, Fu et al. source mix; 2000-piece BPE; sizes {sizes} MB; "
+          f"{psutil.cpu_count()} CPUs; marginal rate between the smallest and largest size")
+    header = "| tool | workers | M tok/s (marginal) | M tok/s end to end | peak MiB per size | identical |"
+    print(header)
+    print("|---|---|---|---|---|---|")
+    rates = {}
+    for workers in worker_counts:
+        for name in tools:
+            small, large = pick(name, sizes[0], workers), pick(name, sizes[-1], workers)
+            rate = ((large["tokens"] - small["tokens"]) / (large["wall_s"] - small["wall_s"])
+                    if len(sizes) > 1 else large["tokens"] / large["wall_s"])
+            rates[name, workers] = rate
+            peaks = ", ".join(f"{pick(name, s, workers)['peak_pss_mib']:.0f}" for s in sizes)
+            same = all(r["identical"] for r in results if r["tool"] == "identical" and r["workers"] == workers)
+            print(f"| {name} | {workers} | {rate / 1e6:.2f} | {large['tokens'] / large['wall_s'] / 1e6:.2f} | "
+                  f"{peaks} | {same if megatron else 'n/a'} |")
+    if megatron:
+        for workers in worker_counts:
+            ratio = rates["ours", workers] / rates["megatron-lm", workers]
+            print(f"ours / Megatron-LM at {workers} worker(s): {ratio:.2f}x (target >= 2x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

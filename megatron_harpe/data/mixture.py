@@ -1,0 +1,358 @@
+"""Per-source length upsampling (Fu et al. 2024, "Data Engineering for Scaling Language Models to 128K Context").
+
+Fu et al. keep SlimPajama's source mix and, within each source, keep every long document but only a fraction of the
+short ones, so long documents gain weight without one domain (books) taking over. From per-source indexed datasets
+(``tools/preprocess_data.py`` output) this writes the mixture as one indexed dataset (``--data-path PREFIX``) or as
+per-source datasets with a Megatron blend (``--data-path w1 p1 w2 p2 ...``), with its document-length histogram as
+a table, a JSON report and a PNG. Sentence structure inside documents is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from megatron_harpe.outputs import OutputExistsError
+
+log = logging.getLogger(__name__)
+
+# SlimPajama's source proportions, which Fu et al. keep (their Table/Section 3).
+FU_ET_AL_WEIGHTS = {"commoncrawl": 0.67, "c4": 0.15, "github": 0.045, "wikipedia": 0.045, "book": 0.045,
+                    "arxiv": 0.025, "stackexchange": 0.02}
+_ALIASES = {"cc": "commoncrawl", "common_crawl": "commoncrawl", "books": "book", "wiki": "wikipedia",
+            "stack_exchange": "stackexchange", "se": "stackexchange", "code": "github"}
+HISTOGRAM_EDGES = [0, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+
+
+class MixtureError(ValueError):
+    """A spec or a source that cannot make the requested mixture; the message says what to change."""
+
+
+def canonical_source(name: str) -> str:
+    """SlimPajama source names as Fu et al. and RedPajama spell them (``RedPajamaBook`` -> ``book``)."""
+    key = re.sub(r"^redpajama", "", name.lower().replace("-", "_"))
+    return _ALIASES.get(key, key)
+
+
+@dataclass
+class MixtureSpec:
+    """What to build. Defaults reproduce Fu et al.: source weights, 4096-token threshold, 0.1, 128k packing."""
+
+    weights: Dict[str, float] = field(default_factory=lambda: dict(FU_ET_AL_WEIGHTS))
+    long_threshold: int = 4096
+    short_keep_probability: float = 0.1
+    target_tokens: Optional[int] = None    # default: the most tokens with no kept document repeated
+    sequence_length: int = 131072
+    seed: int = 1234
+
+    @classmethod
+    def from_json(cls, path: str) -> "MixtureSpec":
+        with open(path) as f:
+            raw = json.load(f)
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise MixtureError(f"{path}: unknown spec field(s) {sorted(unknown)}; known: "
+                               f"{sorted(cls.__dataclass_fields__)}")
+        return cls(**raw)
+
+    def validate(self) -> None:
+        if self.long_threshold < 1 or not 0.0 <= self.short_keep_probability <= 1.0:
+            raise MixtureError("long_threshold must be >= 1 and short_keep_probability in [0, 1]")
+        if self.sequence_length < 1 or (self.target_tokens is not None and self.target_tokens < self.sequence_length):
+            raise MixtureError(f"target_tokens ({self.target_tokens}) must hold at least one sequence of "
+                               f"{self.sequence_length} tokens")
+        if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
+            raise MixtureError(f"source weights must be non-negative with a positive sum, got {self.weights}")
+
+
+@dataclass
+class SourcePlan:
+    name: str
+    prefix: str
+    weight: float                 # normalized over the sources given
+    documents: int
+    tokens: int
+    kept_documents: int
+    kept_tokens: int
+    budget: int                   # tokens this source contributes
+    selection: List[Tuple[int, int]] = field(repr=False)  # (document index, tokens taken), in mixture order
+    epochs: float = 0.0
+
+
+def document_lengths(dataset) -> np.ndarray:
+    """Tokens per document of a megatron-core ``IndexedDataset`` (documents may span several sequences)."""
+    cumulative = np.concatenate([[0], np.cumsum(dataset.sequence_lengths, dtype=np.int64)])
+    bounds = dataset.document_indices
+    return cumulative[bounds[1:]] - cumulative[bounds[:-1]]
+
+
+def _budgets(weights: Dict[str, float], total: int) -> Dict[str, int]:
+    names = list(weights)
+    budgets = {n: int(round(weights[n] * total)) for n in names}
+    budgets[names[int(np.argmax([weights[n] for n in names]))]] += total - sum(budgets.values())
+    return budgets
+
+
+def plan_mixture(sources: Dict[str, str], spec: MixtureSpec, datasets: Dict[str, object]) -> List[SourcePlan]:
+    """Choose, per source, which documents (how many tokens of each) go into the mixture."""
+    spec.validate()
+    names = {canonical_source(n): n for n in sources}
+    if len(names) < len(sources):
+        raise MixtureError(f"two sources name the same corpus: {sorted(sources)}")
+    weights = {canonical_source(n): w for n, w in spec.weights.items()}
+    missing = [names[n] for n in names if n not in weights]
+    if missing:
+        raise MixtureError(f"no weight for source(s) {missing}: give --weight NAME=W (Fu et al. know "
+                           f"{', '.join(FU_ET_AL_WEIGHTS)})")
+    total_weight = sum(weights[n] for n in names)
+    if total_weight <= 0:
+        raise MixtureError("the sources given all have weight 0")
+    if set(names) != set(weights):
+        log.info("weights renormalized over the %d sources given: %s", len(names),
+                 {n: round(weights[n] / total_weight, 4) for n in names})
+
+    plans, kept_lengths = [], {}
+    for index, name in enumerate(names):
+        lengths = document_lengths(datasets[name])
+        rng = np.random.default_rng([spec.seed, index])
+        keep = (lengths >= spec.long_threshold) | (rng.random(len(lengths)) < spec.short_keep_probability)
+        keep &= lengths > 0
+        kept = np.flatnonzero(keep)
+        kept_lengths[name] = (kept, lengths[kept])
+        plans.append(SourcePlan(name=name, prefix=sources[names[name]], weight=weights[name] / total_weight,
+                                documents=len(lengths), tokens=int(lengths.sum()), kept_documents=len(kept),
+                                kept_tokens=int(lengths[kept].sum()), budget=0, selection=[]))
+    empty = [p.name for p in plans if p.weight > 0 and p.kept_tokens == 0]
+    if empty:
+        raise MixtureError(f"source(s) {empty} keep no tokens: check the datasets or lower --long-threshold")
+
+    target = spec.target_tokens
+    if target is None:  # the largest mixture in which no kept document has to be repeated
+        target = int(min(p.kept_tokens / p.weight for p in plans if p.weight > 0))
+    target -= target % spec.sequence_length
+    if target < spec.sequence_length:
+        raise MixtureError(f"the sources hold fewer kept tokens than one {spec.sequence_length}-token sequence "
+                           "at these weights: give more data, a smaller --seq-length or --target-tokens")
+    budgets = _budgets({p.name: p.weight for p in plans}, target)
+    for index, plan in enumerate(plans):
+        plan.budget = budgets[plan.name]
+        kept, lengths = kept_lengths[plan.name]
+        rng = np.random.default_rng([spec.seed, index, 1])
+        remaining = plan.budget
+        while remaining > 0:  # whole epochs over the kept documents, reshuffled each time; the last one cut
+            order = rng.permutation(len(kept))
+            take = np.cumsum(lengths[order])
+            stop = int(np.searchsorted(take, remaining))
+            chosen = order[: stop + 1]
+            tokens = lengths[chosen].astype(np.int64)
+            if take[min(stop, len(take) - 1)] > remaining:
+                tokens[-1] -= take[stop] - remaining
+            plan.selection.extend(zip(kept[chosen].tolist(), tokens.tolist()))
+            remaining -= int(tokens.sum())
+        plan.epochs = plan.budget / plan.kept_tokens if plan.kept_tokens else 0.0
+    return plans
+
+
+def length_histogram(lengths: np.ndarray, edges=HISTOGRAM_EDGES) -> Dict[str, List[float]]:
+    """Share of documents and of tokens per document-length bin (the last bin is open-ended)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    bins = np.searchsorted(np.asarray(edges[1:]), lengths, side="right")
+    documents = np.bincount(bins, minlength=len(edges)).astype(np.float64)
+    tokens = np.bincount(bins, weights=lengths, minlength=len(edges)).astype(np.float64)
+    return {"documents": (documents / max(documents.sum(), 1)).tolist(),
+            "tokens": (tokens / max(tokens.sum(), 1)).tolist()}
+
+
+def bin_labels(edges=HISTOGRAM_EDGES) -> List[str]:
+    def k(n):
+        return f"{n // 1024}k" if n >= 1024 else str(n)
+    return [f"{k(a)}-{k(b)}" for a, b in zip(edges[:-1], edges[1:])] + [f">={k(edges[-1])}"]
+
+
+def histogram_table(before: Dict, after: Dict) -> str:
+    rows = ["doc length   share of tokens: source mix -> upsampled   share of documents: source mix -> upsampled"]
+    for label, tb, ta, db, da in zip(bin_labels(), before["tokens"], after["tokens"], before["documents"],
+                                     after["documents"]):
+        rows.append(f"{label:>11}   {100 * tb:17.1f}% -> {100 * ta:8.1f}%   {100 * db:20.1f}% -> {100 * da:8.1f}%")
+    return "\n".join(rows)
+
+
+def write_mixture(plans: List[SourcePlan], datasets: Dict[str, object], spec: MixtureSpec, output_prefix: str,
+                  output_format: str = "indexed", force: bool = False, progress: bool = True) -> dict:
+    """Write the planned mixture and its report; returns the report."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+    from tqdm import tqdm
+
+    if output_format not in ("indexed", "blend"):
+        raise MixtureError(f"unknown output format {output_format!r}: 'indexed' or 'blend'")
+    dtypes = {datasets[p.name].index.dtype for p in plans}
+    if len(dtypes) > 1:
+        raise MixtureError(f"the sources were tokenized with different vocabularies (dtypes {dtypes}): "
+                           "preprocess them all with the same tokenizer")
+    dtype = dtypes.pop()
+    final = {"mixture": output_prefix} if output_format == "indexed" else {
+        p.name: f"{output_prefix}_{p.name}" for p in plans}
+    files = [f(prefix) for prefix in final.values() for f in (get_bin_path, get_idx_path)]
+    files += [f"{output_prefix}.mixture.json", f"{output_prefix}.length_histogram.png"]
+    if output_format == "blend":
+        files.append(f"{output_prefix}.data_path.txt")
+    existing = [f for f in files if os.path.exists(f)]
+    if existing and not force:
+        raise OutputExistsError(f"{existing[0]} exists: choose another --output-prefix or pass --force")
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+
+    # One stream of (source, document, tokens) in a seeded interleaved order (GPTDataset shuffles again anyway).
+    order = [(p.name, doc, n) for p in plans for doc, n in p.selection]
+    np.random.default_rng(spec.seed).shuffle(order)
+    staging = tempfile.mkdtemp(prefix=".mixture-partial-", dir=out_dir)
+    try:
+        stage = {key: os.path.join(staging, os.path.basename(prefix)) for key, prefix in final.items()}
+        builders = {key: IndexedDatasetBuilder(get_bin_path(path), dtype=dtype) for key, path in stage.items()}
+        mixed_lengths, long_tokens = [], 0
+        all_lengths = {p.name: document_lengths(datasets[p.name]) for p in plans}
+        for name, doc, n in tqdm(order, desc="writing mixture", unit="doc", disable=not progress, mininterval=1.0):
+            dataset = datasets[name]
+            start, stop = dataset.document_indices[doc], dataset.document_indices[doc + 1]
+            sequences, left = [], n
+            for sequence in dataset[int(start):int(stop)]:
+                if left <= 0:
+                    break
+                sequences.append(sequence[:left])
+                left -= len(sequences[-1])
+            builders["mixture" if output_format == "indexed" else name].add_document(
+                np.concatenate(sequences), [len(s) for s in sequences])
+            mixed_lengths.append(n)
+            long_tokens += n if all_lengths[name][doc] >= spec.long_threshold else 0
+        for key, builder in builders.items():
+            builder.finalize(get_idx_path(stage[key]))
+
+        # "Before" is the same source mix without upsampling: each source's histogram at its weight.
+        per_source = [(p.weight, length_histogram(all_lengths[p.name])) for p in plans]
+        before = {kind: np.sum([w * np.asarray(h[kind]) for w, h in per_source], axis=0).tolist()
+                  for kind in ("documents", "tokens")}
+        after = length_histogram(np.asarray(mixed_lengths))
+        total = sum(p.budget for p in plans)
+        report = {
+            "spec": asdict(spec),
+            "format": output_format,
+            "outputs": final,
+            "total_tokens": total,
+            "sequences": total // spec.sequence_length,
+            # Share of tokens in documents of at least long_threshold tokens: what the upsampling raises.
+            "long_document_token_share": {
+                "source_mix": float(sum(p.weight * all_lengths[p.name][all_lengths[p.name] >= spec.long_threshold]
+                                        .sum() / max(p.tokens, 1) for p in plans)),
+                "mixture": long_tokens / total},
+            "sources": [{k: v for k, v in asdict(p).items() if k != "selection"} | {
+                "selected_documents": len(p.selection), "share": p.budget / total} for p in plans],
+            "histogram": {"bins": bin_labels(), "sources": before, "mixture": after},
+        }
+        if output_format == "blend":
+            report["data_path"] = " ".join(f"{p.budget} {final[p.name]}" for p in plans)
+            with open(os.path.join(staging, "data_path.txt"), "w") as f:
+                f.write(report["data_path"] + "\n")
+        with open(os.path.join(staging, "mixture.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        from megatron_harpe.plots import plot_length_histogram
+
+        plot_length_histogram(report["histogram"], report["sources"], os.path.join(staging, "histogram.png"))
+
+        for key, prefix in final.items():
+            for path_of in (get_bin_path, get_idx_path):
+                os.replace(path_of(stage[key]), path_of(prefix))
+        os.replace(os.path.join(staging, "mixture.json"), f"{output_prefix}.mixture.json")
+        os.replace(os.path.join(staging, "histogram.png"), f"{output_prefix}.length_histogram.png")
+        if output_format == "blend":
+            os.replace(os.path.join(staging, "data_path.txt"), f"{output_prefix}.data_path.txt")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+# --- command line (tools/build_long_context_mix.py) -------------------------------------------------------------
+
+def _name_value(text: str) -> Tuple[str, str]:
+    if "=" not in text:
+        raise MixtureError(f"{text!r}: expected NAME=VALUE")
+    name, value = text.split("=", 1)
+    return name.strip(), value.strip()
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(description="Per-source length-upsampled long-context mixture (Fu et al. 2024).")
+    p.add_argument("--source", action="append", required=True, metavar="NAME=PREFIX",
+                   help="a source's indexed dataset (tools/preprocess_data.py output prefix, without .bin); repeat")
+    p.add_argument("--spec", help="JSON file with any of: weights, long_threshold, short_keep_probability, "
+                                  "target_tokens, sequence_length, seed (flags override it)")
+    p.add_argument("--weight", action="append", default=[], metavar="NAME=W",
+                   help="a source's share (default: SlimPajama's, as Fu et al.); repeat")
+    p.add_argument("--long-threshold", type=int, help="documents this long (tokens) are all kept (default 4096)")
+    p.add_argument("--short-keep-probability", type=float, help="shorter documents are kept with this (default 0.1)")
+    p.add_argument("--target-tokens", type=float, help="mixture size (default: no kept document repeated)")
+    p.add_argument("--seq-length", type=int, help="training sequence length the size rounds to (default 131072)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--format", choices=["indexed", "blend"], default="indexed",
+                   help="one indexed dataset, or one per source plus a --data-path blend")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--force", action="store_true", help="replace existing outputs")
+    return p
+
+
+def spec_from_args(args) -> MixtureSpec:
+    spec = MixtureSpec.from_json(args.spec) if args.spec else MixtureSpec()
+    if args.weight:
+        spec.weights = {name: float(value) for name, value in map(_name_value, args.weight)}
+    for flag, attr in (("long_threshold", "long_threshold"), ("short_keep_probability", "short_keep_probability"),
+                       ("seq_length", "sequence_length"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            setattr(spec, attr, getattr(args, flag))
+    if args.target_tokens is not None:
+        spec.target_tokens = int(args.target_tokens)
+    return spec
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # one line per dataset opened otherwise
+    args = build_parser().parse_args(argv)
+    try:
+        spec = spec_from_args(args)
+        sources = dict(map(_name_value, args.source))
+        for name, prefix in sources.items():
+            if not IndexedDataset.exists(prefix):
+                raise MixtureError(f"source {name}: no {prefix}.bin/.idx (give the prefix tools/preprocess_data.py "
+                                   "wrote, e.g. data/book_text_document)")
+        # Kept open for the whole run: their arrays are views of memory maps closed when they are deleted.
+        datasets = {canonical_source(n): IndexedDataset(prefix) for n, prefix in sources.items()}
+        plans = plan_mixture(sources, spec, datasets)
+        report = write_mixture(plans, datasets, spec, args.output_prefix, args.format, force=args.force)
+    except (MixtureError, OutputExistsError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{'source':>14} {'weight':>7} {'share':>7} {'docs':>9} {'kept':>9} {'tokens':>13} {'epochs':>7}")
+    for source in report["sources"]:
+        print(f"{source['name']:>14} {source['weight']:7.3f} {source['share']:7.3f} {source['documents']:9d} "
+              f"{source['kept_documents']:9d} {source['budget']:13d} {source['epochs']:7.2f}")
+    print(histogram_table(report["histogram"]["sources"], report["histogram"]["mixture"]))
+    share = report["long_document_token_share"]
+    print(f"tokens in documents >= {spec.long_threshold} tokens: {100 * share['source_mix']:.1f}% of the source mix, "
+          f"{100 * share['mixture']:.1f}% of the upsampled mixture")
+    print(f"{report['total_tokens']} tokens = {report['sequences']} sequences of {spec.sequence_length}; "
+          f"wrote {', '.join(report['outputs'].values())} (+ .mixture.json, .length_histogram.png"
+          + (", .data_path.txt" if args.format == "blend" else "") + ")")
+    return 0

@@ -1,0 +1,258 @@
+"""Synthetic text for the embedded default: filler prose, per-source corpora, and needle/passkey long contexts.
+
+Everything is generated from a seed, offline. The filler reads like English at the token level (Zipf-distributed
+words, sentences with abbreviations that a sentence splitter must not break at, paragraphs), which is what a
+tokenizer, a sentence splitter and a retrieval test need; it carries no meaning, so a model can only retrieve a
+needle from it by attending to the needle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+_COMMON = (
+    "the of and to in is was that for it with as on be at by this had not are but from or have an they which one you "
+    "were all we her she there would their will when who him been has more if no out so said what up its about into "
+    "than them can only other new some could time these two may then do first any my now such like our over man me "
+    "even most made after also did many before must through back years where much your way well down should because "
+    "each just those people how too little state good very make world still own see men work long get here between "
+    "both life being under never day same another know while last might us great old year off come since against go "
+    "came right used take three house river city market letter garden machine winter summer light water music paper "
+    "history system number morning evening question answer window mountain village station bridge engine harbour"
+).split()
+_SYLLABLES = "ka lo mi ra te su ne vo pa li dor fen gar hul mos tir ven bal cor dun".split()
+# Abbreviations whose periods do not end a sentence: the case sentence splitters get wrong when untrained.
+_ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "St.", "Prof.", "e.g.", "i.e.", "etc.", "approx.", "No.")
+_NAMES = ("Smith", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Alvarez", "Novak", "Brennan")
+
+
+def _vocabulary(rng: np.random.Generator, size: int = 1500) -> List[str]:
+    words = list(_COMMON)
+    while len(words) < size:
+        words.append("".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))))
+    return words
+
+
+class FillerText:
+    """Seeded pseudo-English prose: ``sentence()``, ``paragraph()``, ``document(n_words)``."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.words = _vocabulary(np.random.default_rng(12345))
+        ranks = np.arange(1, len(self.words) + 1, dtype=np.float64)
+        self._cdf = np.cumsum(1.0 / ranks)
+        self._cdf /= self._cdf[-1]
+        self._capitalized = [w[0].upper() + w[1:] for w in self.words]
+
+    def _sentences(self, n_words: int) -> List[str]:
+        """Sentences totalling at least ``n_words`` words, drawn in bulk (a document of 100k words in ~0.1 s)."""
+        rng = self.rng
+        lengths = rng.integers(6, 22, size=n_words // 6 + 1)
+        lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), n_words)) + 1]
+        words = np.searchsorted(self._cdf, rng.random(int(lengths.sum())))
+        extras = rng.random((len(lengths), 2))
+        ends = rng.choice(np.array([".", ".", ".", ".", "?", "!"]), size=len(lengths))
+        sentences, start = [], 0
+        for length, (abbreviation, number), end in zip(lengths.tolist(), extras.tolist(), ends.tolist()):
+            ids = words[start:start + length].tolist()
+            start += length
+            tokens = [self._capitalized[ids[0]]] + [self.words[i] for i in ids[1:]]
+            if abbreviation < 0.15:
+                tokens.insert(int(abbreviation * 100) % length,
+                              f"{_ABBREVIATIONS[int(abbreviation * 1000) % len(_ABBREVIATIONS)]} "
+                              f"{_NAMES[int(abbreviation * 10000) % len(_NAMES)]}")
+            if number < 0.1:
+                tokens.insert(1 + int(number * 1000) % length, str(2 + int(number * 19980)))
+            sentences.append(" ".join(tokens) + end)
+        return sentences
+
+    def sentence(self) -> str:
+        return self._sentences(1)[0]
+
+    def paragraph(self) -> str:
+        return " ".join(self._sentences(int(self.rng.integers(12, 80))))
+
+    def document(self, n_words: int) -> str:
+        """At least ``n_words`` words, in paragraphs of 2-6 sentences separated by blank lines."""
+        sentences = self._sentences(n_words)
+        cuts = np.cumsum(self.rng.integers(2, 7, size=len(sentences)))
+        cuts = [0] + cuts[cuts < len(sentences)].tolist() + [len(sentences)]
+        return "\n\n".join(" ".join(sentences[a:b]) for a, b in zip(cuts[:-1], cuts[1:]))
+
+
+# Per-source document lengths (words, log-normal): the shape that makes Fu et al.'s per-source upsampling
+# matter. Books and ArXiv are long, C4 and StackExchange short. Scaled down by ``length_scale``.
+SOURCE_LENGTHS = {
+    "commoncrawl": (900, 1.2),
+    "c4": (400, 0.8),
+    "github": (700, 1.3),
+    "wikipedia": (600, 1.1),
+    "book": (20000, 0.8),
+    "arxiv": (6000, 0.6),
+    "stackexchange": (300, 0.9),
+}
+
+
+def source_documents(source: str, n_docs: int, *, seed: int = 0, length_scale: float = 1.0,
+                     max_words: Optional[int] = None) -> Iterator[dict]:
+    """JSONL records ``{"text", "source", "id"}`` with ``source``'s document-length distribution."""
+    median, sigma = SOURCE_LENGTHS[source]
+    filler = FillerText(seed)
+    rng = np.random.default_rng(seed + 1)
+    for i in range(n_docs):
+        n_words = max(5, int(median * length_scale * rng.lognormal(0.0, sigma)))
+        if max_words is not None:
+            n_words = min(n_words, max_words)
+        yield {"text": filler.document(n_words), "source": source, "id": f"{source}-{i}"}
+
+
+def write_jsonl(records, path: str) -> str:
+    """Write records as JSON lines, atomically (a temporary sibling renamed into place)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# --- retrieval contexts -------------------------------------------------------------------------------------
+
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+                "I will quiz you about the important information there.")
+PASSKEY_GARBAGE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+CLASSIC_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+CLASSIC_QUESTION = "What is the best thing to do in San Francisco?"
+CLASSIC_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+
+
+@dataclass
+class RetrievalSample:
+    """A long context with one fact hidden at ``depth`` (0 = start, 1 = end of the haystack)."""
+
+    input_ids: List[int]       # context + question, ready for the model; the answer follows it
+    answer: str
+    answer_ids: List[int]
+    depth: float
+    needle_position: int       # token index where the needle starts
+    kind: str
+
+
+def _insert(haystack: List[int], needle: List[int], depth: float, is_sentence_end: Callable[[int], bool]) -> tuple:
+    """Insert ``needle`` after the last sentence end at or before ``depth`` of the haystack (as Kamradt's NIAH)."""
+    target = int(round(depth * len(haystack)))
+    at = next((i for i in range(target, 0, -1) if is_sentence_end(haystack[i - 1])), 0)
+    return haystack[:at] + needle + haystack[at:], at
+
+
+def _haystack(encode, filler_text: Callable[[], str], n_tokens: int) -> List[int]:
+    """Exactly ``n_tokens`` of filler, cut at the start so that it ends on a whole sentence before the question."""
+    ids: List[int] = []
+    while len(ids) < n_tokens:
+        ids.extend(encode(filler_text()))
+    return ids[len(ids) - n_tokens:]
+
+
+def _compose(encode, decode, kind: str, *, context_tokens: int, depth: float, prefix: str, needle: str,
+             question: str, answer: str, filler_text: Callable[[], str]) -> RetrievalSample:
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    prefix_ids = encode(prefix) if prefix else []
+    needle_ids, question_ids = encode(needle), encode(question)
+    budget = context_tokens - len(prefix_ids) - len(needle_ids) - len(question_ids)
+    if budget < 1:
+        raise ValueError(f"context_tokens={context_tokens} leaves no room for a haystack around the needle and "
+                         f"question ({context_tokens - budget} tokens): ask for a longer context")
+    haystack = _haystack(encode, filler_text, budget)
+    ends = {t for t in set(haystack) if decode([t]).rstrip().endswith((".", "?", "!"))}
+    context, at = _insert(haystack, needle_ids, depth, ends.__contains__)
+    return RetrievalSample(input_ids=prefix_ids + context + question_ids, answer=answer,
+                           answer_ids=encode(answer), depth=depth, needle_position=len(prefix_ids) + at, kind=kind)
+
+
+def passkey_sample(encode, decode, *, context_tokens: int, depth: float, passkey: int) -> RetrievalSample:
+    """Mohtashami & Jaggi's passkey retrieval: repeated garbage sentences with the pass key hidden inside."""
+    return _compose(encode, decode, "passkey", context_tokens=context_tokens, depth=depth, prefix=PASSKEY_TASK,
+                    needle=f"The pass key is {passkey}. Remember it. {passkey} is the pass key.",
+                    question="What is the pass key? The pass key is", answer=str(passkey),
+                    filler_text=lambda: PASSKEY_GARBAGE)
+
+
+def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: int = 0,
+                  style: str = "classic") -> RetrievalSample:
+    """Needle-in-a-Haystack on synthetic filler prose.
+
+    ``classic``: Kamradt's San Francisco needle and question. ``ruler``: RULER's single-needle form, a
+    7-digit "special magic number" for a random key word.
+    """
+    filler = FillerText(seed)
+    if style == "classic":
+        needle, question, answer = CLASSIC_NEEDLE, CLASSIC_QUESTION + " Answer:", CLASSIC_ANSWER
+    elif style == "ruler":
+        rng = np.random.default_rng(seed)
+        key, value = str(rng.choice(filler.words[200:])), str(int(rng.integers(1_000_000, 10_000_000)))
+        needle = f"One of the special magic numbers for {key} is: {value}."
+        question, answer = f"What is the special magic number for {key} mentioned in the provided text? Answer:", value
+    else:
+        raise ValueError(f"unknown needle style {style!r}: use 'classic' or 'ruler'")
+    return _compose(encode, decode, f"niah-{style}", context_tokens=context_tokens, depth=depth, prefix="",
+                    needle=needle, question=question, answer=answer, filler_text=filler.paragraph)
+
+
+# --- command line (tools/make_synthetic_corpus.py) --------------------------------------------------------------
+
+def make_corpus(out_dir: str, docs_per_source: int = 200, length_scale: float = 0.25, vocab_size: int = 2000,
+                seed: int = 0, sources=tuple(SOURCE_LENGTHS)) -> dict:
+    """``out_dir/sources/<source>.jsonl`` and ``out_dir/tokenizer.model`` (sentencepiece, trained on a sample)."""
+    from megatron_harpe.data.tokenizer import train_sentencepiece
+
+    paths = {}
+    for index, source in enumerate(sources):
+        paths[source] = write_jsonl(source_documents(source, docs_per_source, seed=seed + 101 * index,
+                                                     length_scale=length_scale),
+                                    os.path.join(out_dir, "sources", f"{source}.jsonl"))
+    sample = (json.loads(line)["text"] for path in paths.values()
+              for line in itertools.islice(open(path, encoding="utf-8"), 50))
+    model = train_sentencepiece(sample, os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size)
+    return {"sources": paths, "tokenizer_model": model}
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from megatron_harpe.outputs import OutputExistsError, atomic_output_dir
+
+    p = argparse.ArgumentParser(description="Synthetic per-source corpora (JSONL) and a tiny sentencepiece model, "
+                                            "offline: the embedded default for preprocessing, mixing and training.")
+    p.add_argument("--out", required=True, help="a new directory")
+    p.add_argument("--docs-per-source", type=int, default=200)
+    p.add_argument("--length-scale", type=float, default=0.25, help="scales every source's document lengths")
+    p.add_argument("--vocab-size", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+    if args.docs_per_source < 1 or args.length_scale <= 0 or args.vocab_size < 300:
+        print("error: --docs-per-source >= 1, --length-scale > 0 and --vocab-size >= 300 please", file=sys.stderr)
+        return 2
+    try:
+        with atomic_output_dir(args.out, force=args.force) as tmp:
+            made = make_corpus(tmp, args.docs_per_source, args.length_scale, args.vocab_size, args.seed)
+    except OutputExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for source, path in made["sources"].items():
+        print(f"{source:>14}: {os.path.join(args.out, 'sources', os.path.basename(path))}")
+    print(f"tokenizer model: {os.path.join(args.out, 'tokenizer.model')}")
+    return 0

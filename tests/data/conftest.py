@@ -1,0 +1,44 @@
+import pytest
+
+from megatron_harpe.data.synthetic import FillerText, source_documents
+from megatron_harpe.data.tokenizer import build_tokenizer, tokenizer_namespace, train_sentencepiece
+
+# Text a tokenizer round trip can get wrong: runs of spaces, leading/trailing whitespace, tabs and newlines, a literal
+# sentencepiece space mark, non-Latin scripts and emoji (byte fallback), digits, special-token look-alikes, nothing.
+TRICKY_TEXTS = [
+    "  two leading spaces, two  inner, three   and trailing  ",
+    "tab\tseparated\tcolumns\nand a second line\n\n\nafter blank lines",
+    "a literal \u2581 space mark and \u2581\u2581 two",
+    "Ünïcödé façade — naïve café; 日本語のテキスト; Ελληνικά; emoji 🙂🚀 done.",
+    "digits 3.14159 and 1,000,000 and 2024-12-09",
+    "<s> looks special </s> but is text <EOD>",
+    " ",
+    "",
+    "x",
+]
+
+
+@pytest.fixture(scope="session")
+def tricky_texts():
+    return list(TRICKY_TEXTS)
+
+
+@pytest.fixture(scope="session")
+def corpus_texts():
+    """Filler documents of many lengths (a few words to a few thousand) plus the tricky texts."""
+    filler = FillerText(seed=7)
+    texts = [filler.document(n) for n in (3, 12, 40, 150, 600, 2500, 90, 7, 1200, 333)]
+    texts += [record["text"] for record in source_documents("stackexchange", 20, seed=3, length_scale=0.3)]
+    return texts + TRICKY_TEXTS
+
+
+@pytest.fixture(scope="session")
+def spm_model(tmp_path_factory, corpus_texts):
+    """A 1000-piece Llama-2-like sentencepiece BPE model trained at test time (about a second)."""
+    extra = [FillerText(seed=s).document(3000) for s in range(3)]
+    return train_sentencepiece(corpus_texts + extra, str(tmp_path_factory.mktemp("spm") / "tiny"), vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def megatron_tokenizer(spm_model):
+    return build_tokenizer(tokenizer_namespace("SentencePieceTokenizer", spm_model))

@@ -1,0 +1,68 @@
+import os
+
+import nltk
+import pytest
+from nltk.tokenize.punkt import save_punkt_params
+
+from megatron_harpe.data.sentences import (
+    SPLIT_WINDOW,
+    SentenceSplitter,
+    installed_punkt_parameters,
+    punkt_parameters,
+    train_punkt_parameters,
+)
+from megatron_harpe.data.synthetic import FillerText
+
+TEXT = "Dr. Smith went to the market. He bought bread! Did he? Yes. We met Prof. Novak, e.g. at noon."
+SENTENCES = ["Dr. Smith went to the market.", "He bought bread!", "Did he?", "Yes.", "We met Prof. Novak, e.g. at noon."]
+
+
+@pytest.fixture
+def nltk_data(tmp_path, monkeypatch):
+    """An nltk data path with nothing installed (this machine's real one may or may not have punkt)."""
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    monkeypatch.delenv("NLTK_DATA", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_punkt_parameters(FillerText(seed=s).document(3000) for s in range(4))
+
+
+def test_offline_training_learns_the_corpus_abbreviations(nltk_data, trained):
+    assert installed_punkt_parameters("english") is None
+    params, source = punkt_parameters("english", (FillerText(seed=s).document(3000) for s in range(4)))
+    assert "trained on the input" in source
+    assert {"dr", "prof", "e.g", "mrs"} <= params.abbrev_types
+    assert SentenceSplitter(params).split(TEXT) == SENTENCES
+    # Untrained punkt breaks at every abbreviation: training is what makes the split right.
+    from nltk.tokenize.punkt import PunktParameters
+
+    assert len(SentenceSplitter(PunktParameters()).split(TEXT)) > len(SENTENCES)
+
+
+def test_installed_punkt_tab_is_preferred(nltk_data, trained):
+    target = nltk_data / "tokenizers" / "punkt_tab" / "english"
+    os.makedirs(target.parent)
+    save_punkt_params(trained, dir=str(target))
+    params, source = punkt_parameters("english", iter(()))  # nothing to train on: it must not need to
+    assert source == "nltk punkt_tab 'english'"
+    assert params.abbrev_types == trained.abbrev_types
+
+
+def test_keep_newlines_keeps_the_whitespace_after_each_sentence(trained):
+    text = "First one.\nSecond one.  Third\n\nfourth ends."
+    kept = SentenceSplitter(trained, keep_newlines=True).split(text)
+    assert "".join(kept) == text
+    assert kept[0] == "First one.\n"
+    assert SentenceSplitter(trained).split(text)[0] == "First one."
+
+
+def test_split_works_in_megatron_windows(trained):
+    sentence = "Some words here. "
+    text = sentence * (SPLIT_WINDOW // len(sentence) + 10)
+    sentences = SentenceSplitter(trained).split(text)
+    # The window edge cuts one sentence in two, exactly as Megatron-LM's splitter does.
+    assert len(sentences) == text.count(".") + 1
+    assert "".join(sentences).replace(" ", "") == text.replace(" ", "")
