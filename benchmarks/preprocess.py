@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 
 import psutil
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from measure import REPO, run_measured
 OURS = os.path.join(REPO, "tools", "preprocess_data.py")
 MIX = {"commoncrawl": 0.67, "c4": 0.15, "github": 0.045, "wikipedia": 0.045, "book": 0.045, "arxiv": 0.025,
        "stackexchange": 0.02}
@@ -53,36 +51,16 @@ def make_corpus(path: str, megabytes: int, seed: int = 0) -> str:
     return path
 
 
-def peak_tree_pss(process: psutil.Popen) -> int:
-    """Peak proportional set size of a process and its children (forked workers' shared pages counted once)."""
-    peak = 0
-    while process.poll() is None:
-        try:
-            tree = [process] + process.children(recursive=True)
-            peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    return peak
-
-
 def run_tool(script: str, corpus: str, prefix: str, model: str, workers: int) -> dict:
-    command = [sys.executable, script, "--input", corpus, "--output-prefix", prefix, "--tokenizer-type",
-               "SentencePieceTokenizer", "--tokenizer-model", model, "--append-eod", "--workers", str(workers),
-               "--log-interval", "1000000"]
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    start = time.perf_counter()
-    process = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO)
-    peak = peak_tree_pss(process)
-    wall = time.perf_counter() - start
-    if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{process.stderr.read().decode()[-3000:]}")
+    result = run_measured([sys.executable, script, "--input", corpus, "--output-prefix", prefix, "--tokenizer-type",
+                           "SentencePieceTokenizer", "--tokenizer-model", model, "--append-eod", "--workers", workers,
+                           "--log-interval", "1000000"])
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     dataset = IndexedDataset(prefix + "_text_document")
-    tokens = int(dataset.sequence_lengths.sum())
+    result["tokens"] = int(dataset.sequence_lengths.sum())
     del dataset
-    return {"wall_s": wall, "tokens": tokens, "peak_pss_mib": peak / 2**20}
+    return result
 
 
 def same_files(prefix_a: str, prefix_b: str) -> bool:

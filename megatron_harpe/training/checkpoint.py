@@ -102,7 +102,7 @@ def load_model(root: str, iteration: Optional[int] = None, *, rope_impl: Optiona
         else:
             if args.tensor_model_parallel_size != 1 or args.pipeline_model_parallel_size != 1:
                 raise CheckpointError("torch-format checkpoints load at the layout they were saved with; "
-                                      "use tools/convert (issue 6) to reshard, or save with --ckpt-format torch_dist")
+                                      "reshard with tools/reshard_megatron.py --tp 1 --pp 1, or save with --ckpt-format torch_dist")
             state = common["model"]  # the rank-0 shard read above holds the weights
         result = model.load_state_dict(state, strict=False)
     # Transformer Engine's _extra_state entries may legitimately differ; every weight must be there.

@@ -1,0 +1,180 @@
+"""The commands behind tools/convert_hf_to_megatron.py, tools/convert_megatron_to_hf.py and tools/reshard_megatron.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+import torch
+
+from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint, HFWriter, write_hf_config, write_hf_tokenizer
+from megatron_harpe.convert.mapping import ConversionError
+from megatron_harpe.convert.megatron_checkpoint import (
+    hf_tensors,
+    megatron_args,
+    megatron_full_tensors,
+    read_args,
+    shape_from_args,
+    write_torch,
+    write_torch_dist,
+)
+from megatron_harpe.outputs import OutputExistsError, atomic_output_dir
+
+log = logging.getLogger(__name__)
+
+
+def _harpe_flags(args) -> List[str]:
+    flags = []
+    if args.harpe_bases:
+        flags += ["--harpe-bases", args.harpe_bases]
+    if args.harpe_strategy:
+        flags += ["--harpe-strategy", args.harpe_strategy]
+        for flag in ("harpe_base_min", "harpe_base_max", "harpe_stride", "harpe_target_length"):
+            if getattr(args, flag) is not None:
+                flags += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return flags
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", mininterval=1.0)
+
+
+def _run(main_body) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        main_body()
+    except (ConversionError, OutputExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # HARPE and Megatron argument errors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Hugging Face Llama-2 -> Megatron-LM checkpoint (any TP/PP, HARPE bases).")
+    p.add_argument("--hf-dir", required=True)
+    p.add_argument("--out", required=True, help="a new directory (the checkpoint root, --load / --pretrained-checkpoint)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--format", choices=["torch_dist", "torch"], default="torch_dist",
+                   help="torch_dist loads at any TP/PP (needs the whole model in RAM to write); torch streams one "
+                        "rank at a time and loads at this TP/PP only (train with --auto-detect-ckpt-format to "
+                        "continue in torch_dist)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the checkpoint's torch_dtype (else bf16)")
+    p.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
+                   help="the layer spec the torch format's key names follow (torch_dist fits both)")
+    p.add_argument("--seq-length", type=int, help="training sequence length saved in the args (default: the "
+                                                  "config's max_position_embeddings)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--harpe-bases", help="one RoPE base per query group, or 'paper-llama2-7b'")
+    src.add_argument("--harpe-strategy", choices=["peak_valley", "uniform", "geometric"])
+    p.add_argument("--harpe-base-min", type=float)
+    p.add_argument("--harpe-base-max", type=float)
+    p.add_argument("--harpe-stride", type=float)
+    p.add_argument("--harpe-target-length", type=int)
+    p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (unpickling runs code)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+
+    def body():
+        hf = HFCheckpoint(args.hf_dir, allow_pickle=args.allow_pickle)
+        hf.shape.check_layout(args.tp, args.pp)
+        dtype = args.dtype or hf.dtype
+        harpe = _harpe_flags(args)
+        if not harpe and hf.harpe_bases:  # an exported HARPE model keeps its bases
+            harpe = ["--harpe-bases", ",".join(map(str, hf.harpe_bases))]
+        margs = megatron_args(hf.shape, tp=args.tp, pp=args.pp, dtype=dtype, ckpt_format=args.format,
+                              transformer_impl=args.transformer_impl,
+                              seq_length=args.seq_length or hf.shape.max_position_embeddings, harpe_args=harpe)
+        with atomic_output_dir(args.out, force=args.force) as tmp:
+            if args.format == "torch":
+                steps = args.tp * (args.pp * 2 + hf.shape.num_layers)
+                with _progress(steps, "converting") as bar:
+                    write_torch(tmp, hf.read, hf.shape, margs, DTYPES[dtype], bar.update)
+            else:
+                write_torch_dist(tmp, hf.read, hf.shape, margs, DTYPES[dtype])
+        bases = getattr(margs, "harpe_bases", None)
+        print(f"wrote {args.out} ({args.format}, TP={args.tp} PP={args.pp}, {dtype}, padded vocab "
+              f"{margs.padded_vocab_size}" + (f", {len(bases)} HARPE bases" if bases else ", standard RoPE") + ")")
+
+    return _run(body)
+
+
+def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Megatron-LM checkpoint (any TP/PP, torch or torch_dist) -> Hugging Face.")
+    p.add_argument("--megatron-dir", required=True, help="the checkpoint root (holds latest_checkpointed_iteration.txt)")
+    p.add_argument("--out", required=True, help="a new directory")
+    p.add_argument("--iteration", type=int, help="default: the latest")
+    p.add_argument("--dtype", choices=list(DTYPES), help="default: the run's (bf16/fp16), else fp32")
+    p.add_argument("--tokenizer-model", help="sentencepiece tokenizer.model to write Hugging Face tokenizer files")
+    p.add_argument("--vocab-size", type=int, help="true vocabulary size, when the checkpoint's args lack it")
+    p.add_argument("--max-shard-gb", type=float, default=5.0)
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    args = p.parse_args(argv)
+
+    def body():
+        from megatron_harpe.arguments import harpe_bases_from_args
+
+        path, fmt, margs = read_args(args.megatron_dir, args.iteration)
+        vocab = args.vocab_size
+        if vocab is None and args.tokenizer_model:
+            import sentencepiece
+
+            vocab = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model).vocab_size()
+        shape = shape_from_args(margs, vocab)
+        bases = harpe_bases_from_args(margs)
+        dtype = args.dtype or ("bf16" if margs.bf16 else "fp16" if margs.fp16 else "fp32")
+        with atomic_output_dir(args.out, force=args.force) as tmp:
+            writer = HFWriter(tmp, int(args.max_shard_gb * 2**30))
+            with _progress(None, "exporting") as bar:
+                for name, tensor in hf_tensors(megatron_full_tensors(path, fmt, margs), shape):
+                    writer.add(name, tensor.to(DTYPES[dtype]))
+                    bar.update(1)
+            writer.finish()
+            write_hf_config(tmp, shape, dtype, bases)
+            if args.tokenizer_model:
+                write_hf_tokenizer(tmp, args.tokenizer_model)
+        kind = f"HARPE Llama with {len(bases)} bases (trust_remote_code=True)" if bases else "LlamaForCausalLM"
+        print(f"wrote {args.out}: {kind}, {dtype}, from {path} ({fmt})")
+
+    return _run(body)
+
+
+def reshard(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description="Megatron-LM checkpoint (TP a, PP b) -> torch format at (TP c, PP d).")
+    p.add_argument("--megatron-dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tp", type=int, required=True)
+    p.add_argument("--pp", type=int, required=True)
+    p.add_argument("--iteration", type=int)
+    p.add_argument("--vocab-size", type=int, help="true vocabulary size, when the checkpoint's args lack it")
+    p.add_argument("--transformer-impl", choices=["transformer_engine", "local"])
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+
+    def body():
+        path, fmt, margs = read_args(args.megatron_dir, args.iteration)
+        shape = shape_from_args(margs, args.vocab_size)
+        shape.check_layout(args.tp, args.pp)
+        # Through the same table: megatron (any layout) -> Hugging Face names -> megatron at the new layout.
+        hf = dict(hf_tensors(megatron_full_tensors(path, fmt, margs), shape))
+        new = argparse.Namespace(**vars(margs))
+        new.tensor_model_parallel_size, new.pipeline_model_parallel_size, new.ckpt_format = args.tp, args.pp, "torch"
+        new.transformer_impl = args.transformer_impl or margs.transformer_impl
+        from megatron_harpe.convert.mapping import padded_vocab_size
+
+        new.padded_vocab_size = padded_vocab_size(shape.vocab_size, args.tp, margs.make_vocab_size_divisible_by)
+        new.vocab_size = shape.vocab_size
+        dtype = torch.bfloat16 if margs.bf16 else torch.float16 if margs.fp16 else torch.float32
+        with atomic_output_dir(args.out, force=args.force) as tmp:
+            write_torch(tmp, hf.__getitem__, shape, new, dtype)
+        print(f"wrote {args.out} (torch, TP={args.tp} PP={args.pp}) from {path} ({fmt})")
+
+    return _run(body)

@@ -1,0 +1,207 @@
+"""The one Hugging Face Llama <-> megatron-core GPT mapping, used by both directions and by resharding.
+
+Each row names a megatron parameter, the Hugging Face tensors it is made of, and how they combine:
+``same`` (copied), ``qkv`` (q/k/v rows regrouped per query group as ``[q_1..q_n, k, v]``, the layout of megatron's
+fused ``linear_qkv``), ``gate_up`` (SwiGLU ``[gate; up]``), ``vocab`` (rows padded to megatron's padded vocabulary;
+stripped on export). Hugging Face's q/k rows are already in the rotate-half order megatron uses with
+``rotary_interleaved=False``: no permutation. Tensor parallelism slices megatron tensors along ``partition_dim``
+(``megatron_harpe.sharding``), pipeline parallelism gives each stage a contiguous run of layers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from megatron_harpe.sharding import tp_slice
+
+# (megatron name under decoder.layers.N., Hugging Face names under model.layers.N., combination)
+LAYER_TABLE: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
+    ("input_layernorm.weight", ("input_layernorm.weight",), "same"),
+    ("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                          "self_attn.v_proj.weight"), "qkv"),
+    ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "same"),
+    ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "same"),
+    ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "gate_up"),
+    ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "same"),
+)
+# (megatron name, Hugging Face name, combination, pipeline stage that holds it)
+GLOBAL_TABLE: Tuple[Tuple[str, str, str, str], ...] = (
+    ("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab", "first"),
+    ("decoder.final_layernorm.weight", "model.norm.weight", "same", "last"),
+    ("output_layer.weight", "lm_head.weight", "vocab", "last"),
+)
+# Tensor-parallel partition dimension by megatron module (column-parallel 0, row-parallel 1); the rest is replicated.
+PARTITION_DIM = {"linear_qkv": 0, "linear_fc1": 0, "word_embeddings": 0, "output_layer": 0,
+                 "linear_proj": 1, "linear_fc2": 1}
+# Linear modules whose (empty) ``_extra_state`` megatron's state dicts carry, by layer spec.
+EXTRA_STATE_MODULES = {
+    "local": ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2"),
+    "transformer_engine": ("self_attention.linear_qkv", "self_attention.linear_proj", "self_attention.core_attention",
+                           "mlp.linear_fc1", "mlp.linear_fc2"),
+}
+# Transformer Engine fuses the norms into the next linear: megatron's own local -> TE key map.
+TE_NORM_NAMES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+class ConversionError(ValueError):
+    """A checkpoint or a layout the conversion cannot handle; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """What both sides must agree on."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    norm_eps: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def check_layout(self, tp: int, pp: int) -> None:
+        problems = []
+        if self.num_attention_heads % tp or self.num_query_groups % tp:
+            problems.append(f"TP={tp} must divide the {self.num_attention_heads} heads and the "
+                            f"{self.num_query_groups} query groups")
+        if self.ffn_hidden_size % tp:
+            problems.append(f"TP={tp} must divide the MLP width {self.ffn_hidden_size}")
+        if self.num_layers % pp:
+            problems.append(f"PP={pp} must divide the {self.num_layers} layers")
+        if problems:
+            raise ConversionError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron's padded vocabulary (``--make-vocab-size-divisible-by`` x TP), as its tokenizer build computes it."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+# --- combinations ----------------------------------------------------------------------------------------------
+
+def to_megatron(combination: str, hf: Sequence[Tensor], shape: LlamaShape, padded_vocab: int) -> Tensor:
+    if combination == "same":
+        return hf[0]
+    if combination == "gate_up":
+        return torch.cat(hf, dim=0)
+    if combination == "vocab":
+        (weight,) = hf
+        if weight.shape[0] > padded_vocab:
+            raise ConversionError(f"vocabulary {weight.shape[0]} exceeds the padded size {padded_vocab}")
+        return torch.cat([weight, weight.new_zeros(padded_vocab - weight.shape[0], weight.shape[1])])
+    if combination == "qkv":
+        q, k, v = hf
+        groups, d, hidden = shape.num_query_groups, shape.head_dim, shape.hidden_size
+        per_group = shape.num_attention_heads // groups
+        grouped = torch.cat([q.reshape(groups, per_group * d, hidden), k.reshape(groups, d, hidden),
+                             v.reshape(groups, d, hidden)], dim=1)
+        return grouped.reshape(groups * (per_group + 2) * d, hidden)
+    raise KeyError(combination)
+
+
+def to_hf(combination: str, megatron: Tensor, shape: LlamaShape) -> Tuple[Tensor, ...]:
+    if combination == "same":
+        return (megatron,)
+    if combination == "gate_up":
+        return tuple(megatron.chunk(2, dim=0))
+    if combination == "vocab":
+        return (megatron[: shape.vocab_size],)
+    if combination == "qkv":
+        groups, d, hidden = shape.num_query_groups, shape.head_dim, shape.hidden_size
+        per_group = shape.num_attention_heads // groups
+        grouped = megatron.reshape(groups, (per_group + 2) * d, hidden)
+        q, k, v = grouped.split([per_group * d, d, d], dim=1)
+        return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+    raise KeyError(combination)
+
+
+# --- tensor and pipeline parallel layout -----------------------------------------------------------------------
+
+def partition_dim(megatron_name: str) -> Optional[int]:
+    module = megatron_name.rsplit(".", 2)[-2]
+    return PARTITION_DIM.get(module)
+
+
+def split_tp(megatron_name: str, full: Tensor, tp: int) -> List[Tensor]:
+    """Every TP rank's part of a full megatron tensor (SwiGLU fc1 keeps ``[gate_r; up_r]`` per rank)."""
+    dim = partition_dim(megatron_name)
+    if dim is None or tp == 1:
+        return [full] * tp
+    glu = megatron_name.endswith("linear_fc1.weight")
+    return [tp_slice(full, dim, rank, tp, glu) for rank in range(tp)]
+
+
+def merge_tp(megatron_name: str, parts: Sequence[Tensor]) -> Tensor:
+    """The inverse of :func:`split_tp`."""
+    dim = partition_dim(megatron_name)
+    if dim is None or len(parts) == 1:
+        return parts[0]
+    if megatron_name.endswith("linear_fc1.weight"):
+        halves = [p.chunk(2, dim=dim) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(list(parts), dim=dim)
+
+
+def stage_layers(num_layers: int, pp: int, pp_rank: int) -> range:
+    per_stage = num_layers // pp
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def stage_has(where: str, pp: int, pp_rank: int) -> bool:
+    return (where == "first" and pp_rank == 0) or (where == "last" and pp_rank == pp - 1)
+
+
+def megatron_layer_name(local_layer: int, name: str, transformer_impl: str = "local") -> str:
+    """The state-dict key of a layer parameter (Transformer Engine names its fused norms differently)."""
+    if transformer_impl == "transformer_engine":
+        for local, te in TE_NORM_NAMES.items():
+            if name.startswith(local):
+                name = te + name[len(local):]
+    return f"decoder.layers.{local_layer}.{name}"
+
+
+_LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def parse_layer_key(key: str) -> Optional[Tuple[int, str]]:
+    """``(local layer, name in LAYER_TABLE's spelling)`` for a layer key of either spec, else None."""
+    m = _LAYER_KEY.match(key)
+    if m is None:
+        return None
+    name = m.group(2)
+    for local, te in TE_NORM_NAMES.items():
+        if name.startswith(te):
+            name = local + name[len(te):]
+    return int(m.group(1)), name
+
+
+def hf_layer_name(layer: int, name: str) -> str:
+    return f"model.layers.{layer}.{name}"
+
+
+def full_megatron_state(read_hf, shape: LlamaShape, padded_vocab: int) -> Dict[str, Tensor]:
+    """The whole TP=1/PP=1 megatron state dict from ``read_hf(name) -> Tensor`` (tests and torch_dist)."""
+    state = {}
+    for megatron, hf, combination, _ in GLOBAL_TABLE:
+        state[megatron] = to_megatron(combination, [read_hf(hf)], shape, padded_vocab)
+    for layer in range(shape.num_layers):
+        for megatron, hf_names, combination in LAYER_TABLE:
+            state[megatron_layer_name(layer, megatron)] = to_megatron(
+                combination, [read_hf(hf_layer_name(layer, n)) for n in hf_names], shape, padded_vocab)
+    return state
