@@ -10,7 +10,7 @@ from typing import List, Optional
 import torch
 
 from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint, HFWriter, write_hf_config, write_hf_tokenizer
-from megatron_harpe.convert.mapping import ConversionError
+from megatron_harpe.convert.mapping import GLOBAL_TABLE, ConversionError
 from megatron_harpe.convert.megatron_checkpoint import (
     hf_tensors,
     megatron_args,
@@ -95,7 +95,7 @@ def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
                               seq_length=args.seq_length or hf.shape.max_position_embeddings, harpe_args=harpe)
         with atomic_output_dir(args.out, force=args.force) as tmp:
             if args.format == "torch":
-                steps = args.tp * (args.pp * 2 + hf.shape.num_layers)
+                steps = args.tp * (len(GLOBAL_TABLE) + hf.shape.num_layers)
                 with _progress(steps, "converting") as bar:
                     write_torch(tmp, hf.read, hf.shape, margs, DTYPES[dtype], bar.update)
             else:

@@ -246,7 +246,8 @@ def megatron_full_tensors(path: str, fmt: str, args: argparse.Namespace) -> Iter
     if fmt == "torch_dist":
         from megatron.core import dist_checkpointing
 
-        with _single_rank_model(args, torch.float32) as model:
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        with _single_rank_model(args, dtype) as model:
             loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
             model.load_state_dict(loaded, strict=False)
             for name, tensor in model.state_dict().items():
