@@ -1,4 +1,4 @@
-"""Pictures: HARPE bases (per-head attention waveforms, their mean, the bases) and data-mixture histograms."""
+"""Pictures: HARPE bases (per-head attention waveforms, their mean, the bases), data-mixture histograms, NIAH heatmaps."""
 
 from __future__ import annotations
 
@@ -81,4 +81,19 @@ def plot_length_histogram(histogram: dict, sources: Sequence[dict], path: str) -
     share_ax.set_xlabel("share of tokens (%)")
     share_ax.set_title("Source mix")
     share_ax.legend()
+    return _save(fig, path)
+
+
+def plot_niah_heatmap(grid: np.ndarray, lengths: Sequence[int], depths: Sequence[float], path: str,
+                      title: str = "Needle in a Haystack") -> str:
+    """Write the familiar green (found) to red (missed) heatmap: depth down, context length across, mean in the title."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(lengths) + 2), max(4, 0.45 * len(depths) + 1.5)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"{title} (mean score {np.nanmean(grid):.3f})")
+    fig.colorbar(image, ax=ax, label="score")
     return _save(fig, path)

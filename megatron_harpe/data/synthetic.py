@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -189,25 +189,28 @@ def passkey_sample(encode, decode, *, context_tokens: int, depth: float, passkey
                     filler_text=lambda: PASSKEY_GARBAGE)
 
 
-def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: int = 0,
-                  style: str = "classic") -> RetrievalSample:
-    """Needle-in-a-Haystack on synthetic filler prose.
+def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: int = 0, style: str = "classic",
+                  needle: Optional[Tuple[str, str, str]] = None,
+                  haystack: Optional[Callable[[], str]] = None) -> RetrievalSample:
+    """Needle-in-a-Haystack on synthetic filler prose (or ``haystack()``, called for text until it is long enough).
 
     ``classic``: Kamradt's San Francisco needle and question. ``ruler``: RULER's single-needle form, a
-    7-digit "special magic number" for a random key word.
+    7-digit "special magic number" for a random key word. ``needle=(needle, question, answer)`` replaces either.
     """
     filler = FillerText(seed)
-    if style == "classic":
-        needle, question, answer = CLASSIC_NEEDLE, CLASSIC_QUESTION + " Answer:", CLASSIC_ANSWER
+    if needle is not None:
+        needle_text, question, answer = needle
+    elif style == "classic":
+        needle_text, question, answer = CLASSIC_NEEDLE, CLASSIC_QUESTION + " Answer:", CLASSIC_ANSWER
     elif style == "ruler":
         rng = np.random.default_rng(seed)
         key, value = str(rng.choice(filler.words[200:])), str(int(rng.integers(1_000_000, 10_000_000)))
-        needle = f"One of the special magic numbers for {key} is: {value}."
+        needle_text = f"One of the special magic numbers for {key} is: {value}."
         question, answer = f"What is the special magic number for {key} mentioned in the provided text? Answer:", value
     else:
         raise ValueError(f"unknown needle style {style!r}: use 'classic' or 'ruler'")
     return _compose(encode, decode, f"niah-{style}", context_tokens=context_tokens, depth=depth, prefix="",
-                    needle=needle, question=question, answer=answer, filler_text=filler.paragraph)
+                    needle=needle_text, question=question, answer=answer, filler_text=haystack or filler.paragraph)
 
 
 # --- command line (tools/make_synthetic_corpus.py) --------------------------------------------------------------

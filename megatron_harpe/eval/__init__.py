@@ -1,0 +1,1 @@
+"""Long-context evaluation of Hugging Face model directories (plain Llama or exported HARPE)."""

@@ -1,0 +1,100 @@
+"""Needle-in-a-Haystack on a tiny random Hugging Face Llama: results, heatmap, resume, and the scoring rule."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from megatron_harpe.eval.cli import eval_niah
+from megatron_harpe.eval.scoring import passkey_score, string_match_all
+
+
+def test_string_match_all_on_known_answers():
+    assert string_match_all(" eat a sandwich and sit in Dolores Park on a sunny day.", "Eat a sandwich and sit in "
+                            "Dolores Park on a sunny day") == 1.0
+    assert string_match_all("The number is 1234567", ["1234567", "7654321"]) == 0.5
+    assert string_match_all("no idea", "1234567") == 0.0
+    with pytest.raises(ValueError):
+        string_match_all("x", [])
+    assert passkey_score(" 71432. Remember", 71432) == 1.0
+    assert passkey_score(" 714321", 71432) == 0.0 and passkey_score("none", 1) == 0.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Llama with a sentencepiece tokenizer, as tools/convert_megatron_to_hf.py writes one."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_harpe.data.synthetic import FillerText
+    from megatron_harpe.data.tokenizer import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("tiny_hf")
+    spm = train_sentencepiece([FillerText(s).document(3000) for s in range(3)], str(root / "spm"), vocab_size=500)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(str(root / "model"))
+    os.replace(spm, root / "model" / "tokenizer.model")
+    return str(root / "model")
+
+
+def test_niah_grid_writes_results_and_heatmap(tmp_path, tiny_model_dir, capsys):
+    argv = ["--model", tiny_model_dir, "--out", str(tmp_path), "--lengths", "200,400", "--depths", "0,0.5,1",
+            "--max-new-tokens", "4", "--batch-size", "2"]
+    assert eval_niah(argv) == 0
+    results = json.loads((tmp_path / "niah.json").read_text())
+    assert len(results["cells"]) == 6
+    for cell in results["cells"].values():
+        assert 0.0 <= cell["score"] <= 1.0 and cell["answer"] == "eat a sandwich and sit in Dolores Park on a sunny day"
+        assert cell["needle_position"] <= cell["length"]
+    assert results["mean_score"] == pytest.approx(sum(c["score"] for c in results["cells"].values()) / 6)
+    assert (tmp_path / "niah.png").stat().st_size > 10_000
+    assert "mean score" in capsys.readouterr().out
+
+
+def test_niah_resumes_and_refuses_other_settings(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    argv = ["--model", tiny_model_dir, "--out", str(tmp_path), "--lengths", "200", "--depths", "0,1",
+            "--max-new-tokens", "2"]
+    assert eval_niah(argv) == 0
+    first = json.loads((tmp_path / "niah.json").read_text())
+    first["cells"].pop("200@1")  # as if the run had stopped after one cell
+    (tmp_path / "niah.json").write_text(json.dumps(first))
+    import megatron_harpe.eval.model as model_module
+
+    calls = []
+    original = model_module.EvalModel.generate
+    monkeypatch.setattr(model_module.EvalModel, "generate",
+                        lambda self, prompts, n: calls.append(len(prompts)) or original(self, prompts, n))
+    assert eval_niah(argv) == 0
+    assert calls == [1]  # only the missing cell ran
+    assert set(json.loads((tmp_path / "niah.json").read_text())["cells"]) == {"200@0", "200@1"}
+    assert eval_niah(argv[:-4] + ["--depths", "0.5", "--max-new-tokens", "2"]) == 1
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_custom_needle_and_haystack(tmp_path, tiny_model_dir):
+    text = tmp_path / "essay.txt"
+    text.write_text("A first paragraph about rivers. It goes on.\n\nA second one about gardens, short.\n")
+    assert eval_niah(["--model", tiny_model_dir, "--out", str(tmp_path / "r"), "--lengths", "300", "--depths", "0.5",
+                      "--needle", "The secret colour is teal.", "--question", "What is the secret colour?",
+                      "--answer", "teal", "--haystack-file", str(text), "--max-new-tokens", "2"]) == 0
+    (cell,) = json.loads((tmp_path / "r" / "niah.json").read_text())["cells"].values()
+    assert cell["answer"] == "teal"
+
+
+def test_bad_model_dir(tmp_path, capsys):
+    assert eval_niah(["--model", str(tmp_path), "--out", str(tmp_path / "o"), "--lengths", "100"]) == 1
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_scores_flow_into_results(tmp_path, tiny_model_dir, monkeypatch):
+    """A model that answers right scores 1 in every cell (the random one above scores 0)."""
+    import megatron_harpe.eval.model as model_module
+
+    answer = " Eat a sandwich and sit in Dolores Park on a sunny day."
+    monkeypatch.setattr(model_module.EvalModel, "generate", lambda self, prompts, n: [answer] * len(prompts))
+    assert eval_niah(["--model", tiny_model_dir, "--out", str(tmp_path), "--lengths", "200", "--depths", "0,1"]) == 0
+    results = json.loads((tmp_path / "niah.json").read_text())
+    assert results["mean_score"] == 1.0
