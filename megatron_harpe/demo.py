@@ -1,7 +1,7 @@
-"""The embedded-default demonstration: choose HARPE bases, draw them, run a tiny HARPE model at TP=2.
+"""The HARPE demonstration: choose HARPE bases, draw them, run a tiny HARPE model at TP=2 against TP=1.
 
-No downloads, CPU only, about a minute. Later issues replace it with the full chain
-(synthetic data -> pretraining -> checkpoint -> HF export -> Needle-in-a-Haystack).
+No downloads, CPU only, about a quarter of a minute. Step 1 of examples/quickstart_cpu.sh, which goes on with
+synthetic data -> pretraining -> checkpoint -> HF export -> Needle-in-a-Haystack.
 """
 
 from __future__ import annotations

@@ -97,3 +97,24 @@ def plot_niah_heatmap(grid: np.ndarray, lengths: Sequence[int], depths: Sequence
     ax.set_title(f"{title} (mean score {np.nanmean(grid):.3f})")
     fig.colorbar(image, ax=ax, label="score")
     return _save(fig, path)
+
+
+def plot_niah_comparison(grids: Sequence[np.ndarray], labels: Sequence[str], lengths: Sequence[int],
+                         depths: Sequence[float], path: str) -> str:
+    """Two NIAH heatmaps side by side and their difference (first minus second; blue = first better)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 2.6 * len(lengths) + 4), max(4, 0.45 * len(depths) + 1.5)))
+    xticks = [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths]
+    difference = grids[0] - grids[1]
+    panels = [(grids[0], "RdYlGn", 0, 1, f"{labels[0]} (mean {np.nanmean(grids[0]):.3f})"),
+              (grids[1], "RdYlGn", 0, 1, f"{labels[1]} (mean {np.nanmean(grids[1]):.3f})"),
+              (difference, "coolwarm_r", -1, 1, f"{labels[0]} - {labels[1]} ({np.nanmean(difference):+.3f})")]
+    for ax, (grid, cmap, low, high, title) in zip(axes, panels):
+        image = ax.imshow(grid, cmap=cmap, vmin=low, vmax=high, aspect="auto")
+        ax.set_xticks(range(len(lengths)), xticks)
+        ax.set_yticks(range(len(depths)), [f"{100 * d:.0f}%" for d in depths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax)
+    axes[0].set_ylabel("needle depth")
+    return _save(fig, path)

@@ -1,4 +1,4 @@
-"""The README's main-job command runs its demonstration end to end (what examples/quickstart_cpu.sh calls)."""
+"""The HARPE demonstration (step 1 of examples/quickstart_cpu.sh): bases, waveforms and a TP=2 check."""
 
 import json
 

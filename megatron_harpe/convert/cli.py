@@ -138,9 +138,9 @@ def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
                     writer.add(name, tensor.to(DTYPES[dtype]))
                     bar.update(1)
             writer.finish()
-            write_hf_config(tmp, shape, dtype, bases)
-            if args.tokenizer_model:
+            if args.tokenizer_model:  # before config.json: transformers would ask to trust a HARPE config's code
                 write_hf_tokenizer(tmp, args.tokenizer_model)
+            write_hf_config(tmp, shape, dtype, bases)
         kind = f"HARPE Llama with {len(bases)} bases (trust_remote_code=True)" if bases else "LlamaForCausalLM"
         print(f"wrote {args.out}: {kind}, {dtype}, from {path} ({fmt})")
 

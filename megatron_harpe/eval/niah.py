@@ -1,24 +1,22 @@
-"""Needle-in-a-Haystack grids (context length x needle depth): resumable JSON results and the heatmap PNG.
+"""Needle-in-a-Haystack (context length x needle depth) and passkey retrieval, on the resumable grid.
 
 Each cell builds a context of exactly ``length`` tokens (BOS included) with the needle inserted at the sentence
-boundary at or before ``depth`` (``megatron_harpe.data.synthetic``), asks the question, decodes greedily and scores
-with ``scoring.string_match_all``. Results are rewritten after every batch, so an interrupted run resumes where it
-stopped (cells already in the file are skipped); a results file written with other settings is refused.
+boundary at or before ``depth`` (``megatron_harpe.data.synthetic``), asks the question and decodes greedily.
+NIAH is scored with ``scoring.string_match_all``, passkey with ``scoring.passkey_score``.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
 
 import numpy as np
 
-from megatron_harpe.data.synthetic import needle_sample
+from megatron_harpe.data.synthetic import needle_sample, passkey_sample
+from megatron_harpe.eval.grid import run_grid
 from megatron_harpe.eval.model import EvalModel
-from megatron_harpe.eval.scoring import string_match_all
+from megatron_harpe.eval.scoring import passkey_score, string_match_all
 
 
 @dataclass
@@ -42,56 +40,37 @@ def _haystack_from_file(path: str) -> Callable[[], str]:
     return lambda: next(cycle)
 
 
-def cell_key(length: int, depth: float) -> str:
-    return f"{length}@{depth:g}"
-
-
 def run_niah(model: EvalModel, settings: NiahSettings, results_path: str, progress: bool = True) -> dict:
-    """Fill (or finish) ``results_path`` with every cell of the grid; returns the results."""
-    from tqdm import tqdm
-
-    wanted = asdict(settings)
-    results = {"settings": wanted, "cells": {}}
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            results = json.load(f)
-        if results.get("settings") != json.loads(json.dumps(wanted)):
-            raise ValueError(f"{results_path} holds results for other settings: choose another --out or delete it")
-    todo = [(L, d) for L in settings.lengths for d in settings.depths if cell_key(L, d) not in results["cells"]]
     haystack = _haystack_from_file(settings.haystack_file) if settings.haystack_file else None
     needle = tuple(settings.needle) if settings.needle else None
-    with tqdm(total=len(todo), desc="needle-in-a-haystack", unit="cell", disable=not progress) as bar:
-        for length in settings.lengths:
-            cells = [(L, d) for L, d in todo if L == length]
-            for start in range(0, len(cells), settings.batch_size):
-                batch = cells[start:start + settings.batch_size]
-                samples = [needle_sample(model.encode, model.decode, context_tokens=length - 1, depth=d,
-                                         seed=settings.seed, style=settings.style, needle=needle,
-                                         haystack=haystack) for _, d in batch]
-                outputs = model.generate([[model.bos_id] + s.input_ids for s in samples], settings.max_new_tokens)
-                for (L, d), sample, output in zip(batch, samples, outputs):
-                    results["cells"][cell_key(L, d)] = {
-                        "length": L, "depth": d, "score": string_match_all(output, sample.answer),
-                        "answer": sample.answer, "output": output, "needle_position": sample.needle_position + 1}
-                _write_json(results, results_path)
-                bar.update(len(batch))
-    results["mean_score"] = float(np.mean([c["score"] for c in results["cells"].values()]))
-    _write_json(results, results_path)
-    return results
+
+    def make(length, depth):
+        sample = needle_sample(model.encode, model.decode, context_tokens=length - 1, depth=depth, seed=settings.seed,
+                               style=settings.style, needle=needle, haystack=haystack)
+        return sample.input_ids, sample.answer, {"needle_position": sample.needle_position + 1}
+
+    return run_grid(model, asdict(settings), settings.lengths, settings.depths, make, string_match_all, results_path,
+                    batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, desc="needle-in-a-haystack",
+                    progress=progress)
 
 
-def score_grid(results: dict) -> Tuple[np.ndarray, List[int], List[float]]:
-    """``[depths, lengths]`` scores (NaN where a cell is missing)."""
-    lengths, depths = results["settings"]["lengths"], results["settings"]["depths"]
-    grid = np.full((len(depths), len(lengths)), np.nan)
-    for cell in results["cells"].values():
-        grid[depths.index(cell["depth"]), lengths.index(cell["length"])] = cell["score"]
-    return grid, lengths, depths
+@dataclass
+class PasskeySettings:
+    lengths: List[int]
+    trials: int = 5                         # pass keys per length, hidden at evenly spaced depths
+    max_new_tokens: int = 8
+    batch_size: int = 1
+    seed: int = 0
 
 
-def _write_json(results: dict, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, path)
+def run_passkey(model: EvalModel, settings: PasskeySettings, results_path: str, progress: bool = True) -> dict:
+    depths = list(np.linspace(0.0, 1.0, settings.trials).round(4)) if settings.trials > 1 else [0.5]
+
+    def make(length, depth):
+        key = int(np.random.default_rng([settings.seed, length, int(depth * 1e4)]).integers(10_000, 100_000))
+        sample = passkey_sample(model.encode, model.decode, context_tokens=length - 1, depth=depth, passkey=key)
+        return sample.input_ids, sample.answer, {"needle_position": sample.needle_position + 1}
+
+    return run_grid(model, asdict(settings), settings.lengths, depths, make, passkey_score, results_path,
+                    batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, desc="passkey",
+                    progress=progress)

@@ -98,3 +98,51 @@ def test_scores_flow_into_results(tmp_path, tiny_model_dir, monkeypatch):
     assert eval_niah(["--model", tiny_model_dir, "--out", str(tmp_path), "--lengths", "200", "--depths", "0,1"]) == 0
     results = json.loads((tmp_path / "niah.json").read_text())
     assert results["mean_score"] == 1.0
+
+
+def test_passkey_prompts_hold_the_key(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """An oracle that reads the key out of the prompt scores 1; the random model is scored, whatever it says."""
+    import re
+
+    import megatron_harpe.eval.model as model_module
+    from megatron_harpe.eval.cli import eval_passkey
+
+    argv = ["--model", tiny_model_dir, "--lengths", "200,300", "--trials", "3"]
+    assert eval_passkey(argv + ["--out", str(tmp_path / "random")]) == 0
+    random_run = json.loads((tmp_path / "random" / "passkey.json").read_text())
+    assert len(random_run["cells"]) == 6 and set(random_run["mean_by_length"]) == {"200", "300"}
+
+    def oracle(self, prompts, n):
+        return [" " + re.search(r"The pass key is (\d+)", self.decode(p)).group(1) + "." for p in prompts]
+
+    monkeypatch.setattr(model_module.EvalModel, "generate", oracle)
+    assert eval_passkey(argv + ["--out", str(tmp_path / "oracle")]) == 0
+    assert json.loads((tmp_path / "oracle" / "passkey.json").read_text())["mean_score"] == 1.0
+    assert "passkey accuracy 1.00" in capsys.readouterr().out
+
+
+def test_sliding_window_perplexity_matches_a_full_forward(tiny_model_dir):
+    import math
+
+    from megatron_harpe.data.synthetic import FillerText
+    from megatron_harpe.eval.model import load_eval_model
+    from megatron_harpe.eval.perplexity import sliding_window_perplexity
+
+    model = load_eval_model(tiny_model_dir, "cpu", "fp32")
+    ids = [model.bos_id] + model.encode(FillerText(3).document(300))[:399]
+    with torch.no_grad():
+        full = math.exp(float(model.model(torch.tensor([ids]), labels=torch.tensor([ids])).loss))
+    # A window as long as the text scores every token once, from all of its context: one forward pass.
+    assert sliding_window_perplexity(model, ids, context_length=len(ids), stride=256) == pytest.approx(full, rel=1e-5)
+    # Shorter windows see less context: a different (finite) number, every token still scored once.
+    short = sliding_window_perplexity(model, ids, context_length=128, stride=64)
+    assert math.isfinite(short) and short != pytest.approx(full, rel=1e-6)
+
+
+def test_eval_perplexity_command(tmp_path, tiny_model_dir):
+    from megatron_harpe.eval.cli import eval_perplexity
+
+    assert eval_perplexity(["--model", tiny_model_dir, "--out", str(tmp_path), "--lengths", "64,128",
+                            "--stride", "32"]) == 0
+    table = json.loads((tmp_path / "perplexity.json").read_text())["perplexity"]
+    assert set(table) == {"64", "128"} and all(v > 1 for v in table.values())

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Command-line front for megatron_harpe.eval.cli: passkey evaluation of a Hugging Face model directory."""
+import sys
+
+from megatron_harpe.eval.cli import eval_passkey
+
+if __name__ == "__main__":
+    sys.exit(eval_passkey())
