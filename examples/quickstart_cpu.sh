@@ -35,7 +35,7 @@ mv "$out.data.log" "$out/data/prepare.log"
 grep -E "sequences of|tokens in documents" "$out/data/prepare.log"
 step 3 "tiny HARPE pretraining on the mixture"
 DATA_PATH=$out/data/mixture TOKENIZER_MODEL=$out/data/corpus/tokenizer.model SPLIT=90,10,0 \
-  TRAIN_ITERS=${TRAIN_ITERS:-40} examples/pretrain_tiny_harpe_cpu.sh "$out/run" > "$out/run.log" 2>&1 \
+  TRAIN_ITERS=${TRAIN_ITERS:-40} MASTER_PORT=$(( 20000 + RANDOM % 20000 )) examples/pretrain_tiny_harpe_cpu.sh "$out/run" > "$out/run.log" 2>&1 \
   || { tail -n 40 "$out/run.log" >&2; exit 1; }
 grep -E "iteration +[0-9]+/" "$out/run.log" | sed -n '1p;$p'
 step 4 "Megatron checkpoint -> Hugging Face"

@@ -12,7 +12,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.multirank
 def test_quickstart_runs_the_whole_chain(tmp_path):
     out = tmp_path / "qs"
-    env = dict(os.environ, DOCS_PER_SOURCE="60", TRAIN_ITERS="10", PYTHONWARNINGS="ignore")
+    from megatron_harpe.distributed import free_port
+
+    # A fresh port: this process may hold a process group whose MASTER_PORT the children would inherit.
+    env = dict(os.environ, DOCS_PER_SOURCE="60", TRAIN_ITERS="10", PYTHONWARNINGS="ignore", MASTER_PORT=str(free_port()))
     run = subprocess.run([os.path.join(REPO, "examples", "quickstart_cpu.sh"), str(out)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
