@@ -135,6 +135,8 @@ PASSKEY_GARBAGE = "The grass is green. The sky is blue. The sun is yellow. Here 
 CLASSIC_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 CLASSIC_QUESTION = "What is the best thing to do in San Francisco?"
 CLASSIC_ANSWER = "eat a sandwich and sit in Dolores Park on a sunny day"
+LWM_CITIES = ("Chicago", "Yangon", "Antananarivo", "Colombo", "Almaty", "Sydney", "Lisbon", "Montevideo", "Nairobi",
+              "Reykjavik", "Hanoi", "Quito", "Tbilisi", "Oslo", "Lagos", "Kyoto")
 
 
 @dataclass
@@ -195,7 +197,8 @@ def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: in
     """Needle-in-a-Haystack on synthetic filler prose (or ``haystack()``, called for text until it is long enough).
 
     ``classic``: Kamradt's San Francisco needle and question. ``ruler``: RULER's single-needle form, a
-    7-digit "special magic number" for a random key word. ``needle=(needle, question, answer)`` replaces either.
+    7-digit "special magic number" for a random key word. ``lwm``: Large World Model's "special magic {city} number".
+    ``needle=(needle, question, answer)`` replaces any of them.
     """
     filler = FillerText(seed)
     if needle is not None:
@@ -207,8 +210,13 @@ def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: in
         key, value = str(rng.choice(filler.words[200:])), str(int(rng.integers(1_000_000, 10_000_000)))
         needle_text = f"One of the special magic numbers for {key} is: {value}."
         question, answer = f"What is the special magic number for {key} mentioned in the provided text? Answer:", value
+    elif style == "lwm":  # Large World Model's needle: a city and a 7-digit number
+        rng = np.random.default_rng(seed)
+        city, value = str(rng.choice(LWM_CITIES)), str(int(rng.integers(1_000_000, 10_000_000)))
+        needle_text = f"The special magic {city} number is: {value}."
+        question, answer = f"What is the special magic {city} number? Answer:", value
     else:
-        raise ValueError(f"unknown needle style {style!r}: use 'classic' or 'ruler'")
+        raise ValueError(f"unknown needle style {style!r}: use 'classic', 'ruler' or 'lwm'")
     return _compose(encode, decode, f"niah-{style}", context_tokens=context_tokens, depth=depth, prefix="",
                     needle=needle_text, question=question, answer=answer, filler_text=haystack or filler.paragraph)
 

@@ -46,8 +46,16 @@ def eval_niah(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Needle-in-a-Haystack grid (length x depth) on a Hugging Face model.")
     _common_args(p, "results directory (niah.json, niah.png); an unfinished run resumes")
     p.add_argument("--depths", type=_floats, default=[round(i / 10, 1) for i in range(11)])
-    p.add_argument("--needle-style", choices=["classic", "ruler"], default="classic",
-                   help="classic: San Francisco sandwich; ruler: RULER's single magic-number needle")
+    p.add_argument("--suite", choices=["classic", "ruler"], default="classic",
+                   help="classic: a length x depth heatmap of one needle; ruler: RULER's 8 NIAH tasks averaged per "
+                        "length (the paper's Table 4)")
+    p.add_argument("--needle-style", choices=["classic", "ruler", "lwm"], default="classic",
+                   help="classic suite: San Francisco sandwich, RULER's single magic-number needle, or LWM's "
+                        "magic city number")
+    p.add_argument("--tasks", default=",".join(["single_1", "single_2", "single_3", "multikey_1", "multikey_2",
+                                                "multikey_3", "multivalue", "multiquery"]),
+                   help="ruler suite: tasks to run")
+    p.add_argument("--samples", type=int, default=20, help="ruler suite: samples per task and length")
     p.add_argument("--needle", help="your own needle sentence (with --question and --answer)")
     p.add_argument("--question")
     p.add_argument("--answer")
@@ -60,6 +68,8 @@ def eval_niah(argv: Optional[List[str]] = None) -> int:
         p.error("--needle, --question and --answer go together")
     if not args.lengths or not args.depths or any(not 0 <= d <= 1 for d in args.depths):
         p.error("--lengths and --depths need values; depths are fractions in [0, 1]")
+    if args.suite == "ruler":
+        return _eval_ruler(args)
     try:
         model = load_eval_model(args.model, args.device, args.dtype)
         settings = NiahSettings(lengths=args.lengths, depths=args.depths, style=args.needle_style,
@@ -74,6 +84,32 @@ def eval_niah(argv: Optional[List[str]] = None) -> int:
                             title=f"NIAH ({args.needle_style}) {os.path.basename(os.path.normpath(args.model))}")
     _print_grid(grid, args.lengths, [f"{100 * d:.0f}%" for d in args.depths], "depth/length")
     print(f"mean score {results['mean_score']:.3f}; wrote {os.path.join(args.out, 'niah.json')} and {png}")
+    return 0
+
+
+def _eval_ruler(args) -> int:
+    from megatron_harpe.eval.model import load_eval_model
+    from megatron_harpe.eval.niah import _haystack_from_file
+    from megatron_harpe.eval.ruler import PAPER_TABLE_4, TASKS, run_ruler, table
+
+    tasks = [t for t in args.tasks.split(",") if t]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or args.samples < 1:
+        print(f"error: unknown task(s) {unknown} (choose from {', '.join(TASKS)}) or --samples < 1", file=sys.stderr)
+        return 2
+    try:
+        model = load_eval_model(args.model, args.device, args.dtype)
+        haystack = _haystack_from_file(args.haystack_file) if args.haystack_file else None
+        results = run_ruler(model, tasks, args.lengths, args.samples, args.out,
+                            max_new_tokens=max(args.max_new_tokens, 64), batch_size=args.batch_size,
+                            haystack_text=haystack)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    rows, grid = table(results, args.lengths)
+    _print_grid(grid, args.lengths, rows, "task/length")
+    print(f"RULER NIAH average over lengths: {grid[-1].mean():.2f} (paper's Table 4, Llama-2-7B at 4k-128k: "
+          + ", ".join(f"{k} {v}" for k, v in PAPER_TABLE_4.items()) + f"); results in {args.out}/ruler_*.json")
     return 0
 
 

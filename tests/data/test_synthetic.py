@@ -38,7 +38,8 @@ def test_source_length_distributions_differ():
     lambda p, **kw: passkey_sample(p.encode, p.decode, passkey=90417, **kw),
     lambda p, **kw: needle_sample(p.encode, p.decode, style="classic", **kw),
     lambda p, **kw: needle_sample(p.encode, p.decode, style="ruler", seed=5, **kw),
-], ids=["passkey", "niah-classic", "niah-ruler"])
+    lambda p, **kw: needle_sample(p.encode, p.decode, style="lwm", seed=2, **kw),
+], ids=["passkey", "niah-classic", "niah-ruler", "niah-lwm"])
 def test_retrieval_samples_have_exact_length_and_depth(processor, make):
     positions = []
     for depth in (0.0, 0.25, 0.5, 0.75, 1.0):

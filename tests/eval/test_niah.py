@@ -21,25 +21,6 @@ def test_string_match_all_on_known_answers():
     assert passkey_score(" 714321", 71432) == 0.0 and passkey_score("none", 1) == 0.0
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random 2-layer Llama with a sentencepiece tokenizer, as tools/convert_megatron_to_hf.py writes one."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from megatron_harpe.data.synthetic import FillerText
-    from megatron_harpe.data.tokenizer import train_sentencepiece
-
-    root = tmp_path_factory.mktemp("tiny_hf")
-    spm = train_sentencepiece([FillerText(s).document(3000) for s in range(3)], str(root / "spm"), vocab_size=500)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2))
-    model.save_pretrained(str(root / "model"))
-    os.replace(spm, root / "model" / "tokenizer.model")
-    return str(root / "model")
-
-
 def test_niah_grid_writes_results_and_heatmap(tmp_path, tiny_model_dir, capsys):
     argv = ["--model", tiny_model_dir, "--out", str(tmp_path), "--lengths", "200,400", "--depths", "0,0.5,1",
             "--max-new-tokens", "4", "--batch-size", "2"]
