@@ -1,4 +1,4 @@
-"""Write a directory of results atomically: into a temporary sibling, renamed into place when complete."""
+"""Write results atomically: into a temporary sibling, renamed into place when complete (a directory or files)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from typing import Dict, Sequence
 
 
 class OutputExistsError(FileExistsError):
@@ -32,3 +33,28 @@ def atomic_output_dir(path: str, force: bool = False):
     if os.path.exists(path):
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_output_files(paths: Sequence[str], force: bool = False):
+    """Yield ``{path as given: temporary path}``; every temporary file becomes its final path only if the block completes.
+
+    The files share one directory (created if needed); existing ones are refused unless ``force`` (then replaced
+    only at the end). Nothing is left behind on failure.
+    """
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not force:
+        raise OutputExistsError(f"{existing[0]} exists: choose another --output-prefix or pass --force to replace it")
+    parents = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if len(parents) != 1:
+        raise ValueError(f"atomic_output_files writes into one directory, got {sorted(parents)}")
+    parent = parents.pop()
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    try:
+        staged: Dict[str, str] = {p: os.path.join(staging, os.path.basename(p)) for p in paths}
+        yield staged
+        for final, temporary in staged.items():
+            os.replace(temporary, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -7,8 +7,6 @@ import logging
 import sys
 from typing import List, Optional
 
-import torch
-
 from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint, HFWriter, write_hf_config, write_hf_tokenizer
 from megatron_harpe.convert.mapping import GLOBAL_TABLE, ConversionError
 from megatron_harpe.convert.megatron_checkpoint import (
@@ -16,6 +14,7 @@ from megatron_harpe.convert.megatron_checkpoint import (
     megatron_args,
     megatron_full_tensors,
     read_args,
+    run_dtype,
     shape_from_args,
     write_torch,
     write_torch_dist,
@@ -130,7 +129,7 @@ def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
             vocab = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model).vocab_size()
         shape = shape_from_args(margs, vocab)
         bases = harpe_bases_from_args(margs)
-        dtype = args.dtype or ("bf16" if margs.bf16 else "fp16" if margs.fp16 else "fp32")
+        dtype = args.dtype or run_dtype(margs)
         with atomic_output_dir(args.out, force=args.force) as tmp:
             writer = HFWriter(tmp, int(args.max_shard_gb * 2**30))
             with _progress(None, "exporting") as bar:
@@ -172,9 +171,8 @@ def reshard(argv: Optional[List[str]] = None) -> int:
 
         new.padded_vocab_size = padded_vocab_size(shape.vocab_size, args.tp, margs.make_vocab_size_divisible_by)
         new.vocab_size = shape.vocab_size
-        dtype = torch.bfloat16 if margs.bf16 else torch.float16 if margs.fp16 else torch.float32
         with atomic_output_dir(args.out, force=args.force) as tmp:
-            write_torch(tmp, hf.__getitem__, shape, new, dtype)
+            write_torch(tmp, hf.__getitem__, shape, new, DTYPES[run_dtype(margs)])
         print(f"wrote {args.out} (torch, TP={args.tp} PP={args.pp}) from {path} ({fmt})")
 
     return _run(body)

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from megatron_harpe.convert.hf_checkpoint import DTYPES
 from megatron_harpe.convert.mapping import (
     EXTRA_STATE_MODULES,
     GLOBAL_TABLE,
@@ -72,6 +73,11 @@ def megatron_args(shape: LlamaShape, *, tp: int, pp: int, dtype: str, ckpt_forma
             os.environ["WORLD_SIZE"] = saved_world
     args.padded_vocab_size = padded_vocab_size(shape.vocab_size, tp, args.make_vocab_size_divisible_by)
     return args
+
+
+def run_dtype(args: argparse.Namespace) -> str:
+    """The run's parameter precision, spelled as ``--dtype`` takes it."""
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
 def shape_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None) -> LlamaShape:
@@ -246,8 +252,7 @@ def megatron_full_tensors(path: str, fmt: str, args: argparse.Namespace) -> Iter
     if fmt == "torch_dist":
         from megatron.core import dist_checkpointing
 
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        with _single_rank_model(args, dtype) as model:
+        with _single_rank_model(args, DTYPES[run_dtype(args)]) as model:
             loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
             model.load_state_dict(loaded, strict=False)
             for name, tensor in model.state_dict().items():

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_harpe.outputs import OutputExistsError
+from megatron_harpe.outputs import OutputExistsError, atomic_output_files
 
 log = logging.getLogger(__name__)
 
@@ -200,23 +197,17 @@ def write_mixture(plans: List[SourcePlan], datasets: Dict[str, object], spec: Mi
     dtype = dtypes.pop()
     final = {"mixture": output_prefix} if output_format == "indexed" else {
         p.name: f"{output_prefix}_{p.name}" for p in plans}
-    files = [f(prefix) for prefix in final.values() for f in (get_bin_path, get_idx_path)]
-    files += [f"{output_prefix}.mixture.json", f"{output_prefix}.length_histogram.png"]
+    extras = {"report": f"{output_prefix}.mixture.json", "picture": f"{output_prefix}.length_histogram.png"}
     if output_format == "blend":
-        files.append(f"{output_prefix}.data_path.txt")
-    existing = [f for f in files if os.path.exists(f)]
-    if existing and not force:
-        raise OutputExistsError(f"{existing[0]} exists: choose another --output-prefix or pass --force")
-    out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+        extras["data_path"] = f"{output_prefix}.data_path.txt"
+    files = [f(prefix) for prefix in final.values() for f in (get_bin_path, get_idx_path)] + list(extras.values())
 
     # One stream of (source, document, tokens) in a seeded interleaved order (GPTDataset shuffles again anyway).
     order = [(p.name, doc, n) for p in plans for doc, n in p.selection]
     np.random.default_rng(spec.seed).shuffle(order)
-    staging = tempfile.mkdtemp(prefix=".mixture-partial-", dir=out_dir)
-    try:
-        stage = {key: os.path.join(staging, os.path.basename(prefix)) for key, prefix in final.items()}
-        builders = {key: IndexedDatasetBuilder(get_bin_path(path), dtype=dtype) for key, path in stage.items()}
+    with atomic_output_files(files, force=force) as staged:
+        builders = {key: IndexedDatasetBuilder(staged[get_bin_path(prefix)], dtype=dtype)
+                    for key, prefix in final.items()}
         mixed_lengths, long_tokens = [], 0
         all_lengths = {p.name: document_lengths(datasets[p.name]) for p in plans}
         for name, doc, n in tqdm(order, desc="writing mixture", unit="doc", disable=not progress, mininterval=1.0):
@@ -233,7 +224,7 @@ def write_mixture(plans: List[SourcePlan], datasets: Dict[str, object], spec: Mi
             mixed_lengths.append(n)
             long_tokens += n if all_lengths[name][doc] >= spec.long_threshold else 0
         for key, builder in builders.items():
-            builder.finalize(get_idx_path(stage[key]))
+            builder.finalize(staged[get_idx_path(final[key])])
 
         # "Before" is the same source mix without upsampling: each source's histogram at its weight.
         per_source = [(p.weight, length_histogram(all_lengths[p.name])) for p in plans]
@@ -258,23 +249,13 @@ def write_mixture(plans: List[SourcePlan], datasets: Dict[str, object], spec: Mi
         }
         if output_format == "blend":
             report["data_path"] = " ".join(f"{p.budget} {final[p.name]}" for p in plans)
-            with open(os.path.join(staging, "data_path.txt"), "w") as f:
+            with open(staged[extras["data_path"]], "w") as f:
                 f.write(report["data_path"] + "\n")
-        with open(os.path.join(staging, "mixture.json"), "w") as f:
+        with open(staged[extras["report"]], "w") as f:
             json.dump(report, f, indent=1)
         from megatron_harpe.plots import plot_length_histogram
 
-        plot_length_histogram(report["histogram"], report["sources"], os.path.join(staging, "histogram.png"))
-
-        for key, prefix in final.items():
-            for path_of in (get_bin_path, get_idx_path):
-                os.replace(path_of(stage[key]), path_of(prefix))
-        os.replace(os.path.join(staging, "mixture.json"), f"{output_prefix}.mixture.json")
-        os.replace(os.path.join(staging, "histogram.png"), f"{output_prefix}.length_histogram.png")
-        if output_format == "blend":
-            os.replace(os.path.join(staging, "data_path.txt"), f"{output_prefix}.data_path.txt")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        plot_length_histogram(report["histogram"], report["sources"], staged[extras["picture"]])
     return report
 
 

@@ -17,9 +17,7 @@ import itertools
 import logging
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import numpy as np
 
 from megatron_harpe.data.inputs import Chunk, InputError, expand_inputs, parse_record, read_chunks
-from megatron_harpe.outputs import OutputExistsError
+from megatron_harpe.outputs import OutputExistsError, atomic_output_files
 
 log = logging.getLogger(__name__)
 
@@ -217,33 +215,26 @@ def preprocess(args: argparse.Namespace, progress: bool = True) -> PreprocessRes
                          "--tokenizer-model path/to/tokenizer.model, as for Megatron-LM's preprocess_data.py")
     paths = expand_inputs(args.input)
     prefixes = output_prefixes(args.output_prefix, args.json_keys, args.split_sentences)
-    existing = [p for prefix in prefixes.values() for p in (get_bin_path(prefix), get_idx_path(prefix))
-                if os.path.exists(p)]
-    if existing and not args.force:
-        raise OutputExistsError(f"{existing[0]} exists: choose another --output-prefix or pass --force to replace it")
-    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    files = [path_of(prefix) for prefix in prefixes.values() for path_of in (get_bin_path, get_idx_path)]
+    with atomic_output_files(files, force=args.force) as staged:
+        tokenizer = build_tokenizer(with_preprocessing_defaults(args))
+        encode, encoder_name = text_encoder(tokenizer, args.tokenizer_model)
+        settings = EncodeSettings(keys=list(args.json_keys), append_eod=args.append_eod,
+                                  eod=tokenizer.eod if args.append_eod else -1,
+                                  dtype=DType.optimal_dtype(tokenizer.vocab_size), skip_bad_lines=args.skip_bad_lines,
+                                  split_sentences=args.split_sentences, keep_newlines=args.keep_newlines)
+        splitter_name = None
+        if args.split_sentences:
+            from megatron_harpe.data.sentences import punkt_parameters
 
-    tokenizer = build_tokenizer(with_preprocessing_defaults(args))
-    encode, encoder_name = text_encoder(tokenizer, args.tokenizer_model)
-    settings = EncodeSettings(keys=list(args.json_keys), append_eod=args.append_eod,
-                              eod=tokenizer.eod if args.append_eod else -1,
-                              dtype=DType.optimal_dtype(tokenizer.vocab_size), skip_bad_lines=args.skip_bad_lines,
-                              split_sentences=args.split_sentences, keep_newlines=args.keep_newlines)
-    splitter_name = None
-    if args.split_sentences:
-        from megatron_harpe.data.sentences import punkt_parameters
+            settings.punkt_params, splitter_name = punkt_parameters(args.lang,
+                                                                    _punkt_training_texts(paths, settings.keys))
+        _install_state(settings, encode)
+        log.info("tokenizing %d file(s) with %s, %d worker(s)", len(paths), encoder_name, args.workers)
 
-        settings.punkt_params, splitter_name = punkt_parameters(args.lang, _punkt_training_texts(paths, settings.keys))
-    _install_state(settings, encode)
-    log.info("tokenizing %d file(s) with %s, %d worker(s)", len(paths), encoder_name, args.workers)
-
-    start = time.perf_counter()
-    staging = tempfile.mkdtemp(prefix=".preprocess-partial-", dir=out_dir)
-    try:
-        staged = {key: os.path.join(staging, os.path.basename(prefix)) for key, prefix in prefixes.items()}
-        builders = {key: IndexedDatasetBuilder(get_bin_path(staged[key]), dtype=settings.dtype)
-                    for key in settings.keys}
+        start = time.perf_counter()
+        builders = {key: IndexedDatasetBuilder(staged[get_bin_path(prefix)], dtype=settings.dtype)
+                    for key, prefix in prefixes.items()}
         documents, bad = 0, []
         tokens = dict.fromkeys(settings.keys, 0)
         sequences = dict.fromkeys(settings.keys, 0)
@@ -266,12 +257,7 @@ def preprocess(args: argparse.Namespace, progress: bool = True) -> PreprocessRes
                     sequences[key] += len(encoded.sequence_lengths)
                 bar.update(chunk.nbytes)
         for key, builder in builders.items():
-            builder.finalize(get_idx_path(staged[key]))
-        for key, prefix in prefixes.items():
-            for path_of in (get_bin_path, get_idx_path):
-                os.replace(path_of(staged[key]), path_of(prefix))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            builder.finalize(staged[get_idx_path(prefixes[key])])
     for path, line, reason in bad[:5]:
         log.warning("skipped %s line %d: %s", path, line, reason)
     return PreprocessResult(outputs=prefixes, documents=documents, tokens=tokens, sequences=sequences,

@@ -89,7 +89,7 @@ def eval_niah(argv: Optional[List[str]] = None) -> int:
 
 def _eval_ruler(args) -> int:
     from megatron_harpe.eval.model import load_eval_model
-    from megatron_harpe.eval.niah import _haystack_from_file
+    from megatron_harpe.eval.niah import haystack_from_file
     from megatron_harpe.eval.ruler import PAPER_TABLE_4, TASKS, run_ruler, table
 
     tasks = [t for t in args.tasks.split(",") if t]
@@ -99,7 +99,7 @@ def _eval_ruler(args) -> int:
         return 2
     try:
         model = load_eval_model(args.model, args.device, args.dtype)
-        haystack = _haystack_from_file(args.haystack_file) if args.haystack_file else None
+        haystack = haystack_from_file(args.haystack_file) if args.haystack_file else None
         results = run_ruler(model, tasks, args.lengths, args.samples, args.out,
                             max_new_tokens=max(args.max_new_tokens, 64), batch_size=args.batch_size,
                             haystack_text=haystack)

@@ -31,7 +31,7 @@ class NiahSettings:
     seed: int = 0
 
 
-def _haystack_from_file(path: str) -> Callable[[], str]:
+def haystack_from_file(path: str) -> Callable[[], str]:
     with open(path, encoding="utf-8") as f:
         paragraphs = [p.strip() for p in f.read().split("\n\n") if p.strip()]
     if not paragraphs:
@@ -41,7 +41,7 @@ def _haystack_from_file(path: str) -> Callable[[], str]:
 
 
 def run_niah(model: EvalModel, settings: NiahSettings, results_path: str, progress: bool = True) -> dict:
-    haystack = _haystack_from_file(settings.haystack_file) if settings.haystack_file else None
+    haystack = haystack_from_file(settings.haystack_file) if settings.haystack_file else None
     needle = tuple(settings.needle) if settings.needle else None
 
     def make(length, depth):
