@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_harpe.attention import SDPAttention
 from megatron_harpe.bases import validate_bases
-from megatron_harpe.rotary import HarpeRotaryEmbedding
+from megatron_harpe.rotary import HarpeRotaryEmbedding, check_groups_divisible
 from megatron_harpe.self_attention import HarpeSelfAttention, check_rope_impl
 
 IMPLS = ("auto", "te", "local")
@@ -146,7 +146,10 @@ def _check_harpe_args(config: TransformerConfig, bases: Sequence[float], rope_im
     if rope_scaling:
         raise ValueError("rope_scaling (Llama-3 frequency scaling) cannot be combined with HARPE bases; drop it")
     check_rope_impl(rope_impl)
-    return validate_bases(bases, config.num_query_groups or config.num_attention_heads)
+    groups = config.num_query_groups or config.num_attention_heads
+    # Megatron itself accepts TP > groups (it replicates K/V); HARPE needs whole groups, said before anything is built.
+    check_groups_divisible(groups, config.tensor_model_parallel_size)
+    return validate_bases(bases, groups)
 
 
 def _install_harpe_rotary(model, config: TransformerConfig, bases: Sequence[float], rotary_percent: float,

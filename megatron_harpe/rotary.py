@@ -48,6 +48,16 @@ def materialize_frequencies(positions: Tensor, inv_freq: Tensor, heads_per_group
     return key_emb.repeat_interleave(heads_per_group, dim=2), key_emb
 
 
+def check_groups_divisible(num_query_groups: int, tp_size: int) -> None:
+    """Each TP rank must hold whole query groups, so that it holds whole bases."""
+    if num_query_groups % tp_size:
+        raise ValueError(
+            f"num_query_groups ({num_query_groups}) is not divisible by tensor_model_parallel_size "
+            f"({tp_size}): each TP rank must hold whole query groups; choose a TP size that divides "
+            f"{num_query_groups}"
+        )
+
+
 def _group_of(pg: Optional[torch.distributed.ProcessGroup]) -> tuple[int, int]:
     if pg is None:
         return 0, 1
@@ -96,12 +106,7 @@ class HarpeRotaryEmbedding(nn.Module):
         if cp_group is None:
             cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
         tp_rank, tp_size = _group_of(tp_group)
-        if num_query_groups % tp_size:
-            raise ValueError(
-                f"num_query_groups ({num_query_groups}) is not divisible by tensor_model_parallel_size "
-                f"({tp_size}): each TP rank must hold whole query groups; choose a TP size that divides "
-                f"{num_query_groups}"
-            )
+        check_groups_divisible(num_query_groups, tp_size)
         self.cp_group = cp_group
         self.compact = False
         self.rotary_interleaved = rotary_interleaved
@@ -110,8 +115,10 @@ class HarpeRotaryEmbedding(nn.Module):
         self.heads_per_group = num_attention_heads // num_query_groups
         groups_local = num_query_groups // tp_size
         self.local_bases = self.bases[tp_rank * groups_local : (tp_rank + 1) * groups_local]
-        # [groups_local, dim/2]; non-persistent: derived from the bases, never checkpointed.
-        self._inv_freq_master = inverse_frequencies(self.local_bases, self.dim)
+        # [groups_local, dim/2]; non-persistent: derived from the bases, never checkpointed. The master is made on
+        # the CPU explicitly so that a model built under torch.device('meta') (megatron's
+        # --init-model-with-meta-device) keeps a real table instead of failing to copy a meta one.
+        self._inv_freq_master = inverse_frequencies(self.local_bases, self.dim, device="cpu")
         self.register_buffer("inv_freq", self._inv_freq_master.to(device), persistent=False)
 
     def _apply(self, fn, recurse=True):
