@@ -17,8 +17,8 @@ llama2_shape_args() {
   esac
 }
 
-# Parallel layout chosen to fit 8 x 80 GB GPUs per node at 131072 tokens, bf16, full recompute, DP=1
-# (tools/plan_parallelism.py checks other layouts).
+# Parallel layout chosen to fit 8 x 80 GB GPUs per node at 131072 tokens, bf16, full recompute, DP=1.
+# tools/plan_parallelism.py lists the others that fit and prints them as these variables (--emit-env).
 llama2_default_layout() {
   case $1 in
     7b)   echo "1 4 1 2" ;;    # NNODES TP PP CP:  8 GPUs
@@ -54,7 +54,8 @@ harpe_settings() {
   EVAL_INTERVAL=${EVAL_INTERVAL:-100}
   EVAL_ITERS=${EVAL_ITERS:-4}
   SEED=${SEED:-1234}
-  RECOMPUTE=${RECOMPUTE:-full}        # full | selective | none
+  RECOMPUTE=${RECOMPUTE:-full}        # full | block | selective | none (tools/plan_parallelism.py picks one)
+  RECOMPUTE_NUM_LAYERS=${RECOMPUTE_NUM_LAYERS:-1}   # block: layers per pipeline stage recomputed in full
   RUN_NAME=${RUN_NAME:-llama2-${MODEL}-harpe}
   SAVE=${SAVE:-checkpoints/$RUN_NAME}
   LOAD=${LOAD:-}                      # converted Hugging Face checkpoint (tools/convert_hf_to_megatron.py)
@@ -88,9 +89,10 @@ harpe_megatron_args() {
     if (( TP > 1 )); then ARGS+=( --sequence-parallel ); fi
     case $RECOMPUTE in
       full) ARGS+=( --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 ) ;;
+      block) ARGS+=( --recompute-granularity full --recompute-method block --recompute-num-layers "$RECOMPUTE_NUM_LAYERS" ) ;;
       selective) ARGS+=( --recompute-granularity selective ) ;;
       none) ;;
-      *) echo "RECOMPUTE=$RECOMPUTE: choose full, selective or none" >&2; return 2 ;;
+      *) echo "RECOMPUTE=$RECOMPUTE: choose full, block, selective or none" >&2; return 2 ;;
     esac
   else
     ARGS+=( --transformer-impl local )   # the tiny CPU model: megatron's local spec with the SDPA core attention

@@ -1,0 +1,1 @@
+"""Parallelism and memory planning for HARPE runs (tools/plan_parallelism.py)."""

@@ -1,0 +1,92 @@
+"""A plan as the environment variables ``examples/llama2_common.sh`` reads, and back through Megatron's parser."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shlex
+import subprocess
+import sys
+
+from megatron_harpe.planning.memory import Layout
+from megatron_harpe.planning.shapes import PRESETS, ModelShape
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCH_SCRIPT = os.path.join(REPO, "examples", "pretrain_llama2_harpe.sh")
+
+
+def shape_flags(shape: ModelShape) -> list[str]:
+    """Megatron-LM flags for a shape that is not one of the examples' presets."""
+    flags = ["--num-layers", shape.num_layers, "--hidden-size", shape.hidden_size, "--ffn-hidden-size",
+             shape.ffn_hidden_size, "--num-attention-heads", shape.num_attention_heads, "--kv-channels",
+             shape.kv_channels]
+    if shape.num_query_groups != shape.num_attention_heads:
+        flags += ["--group-query-attention", "--num-query-groups", shape.num_query_groups]
+    return [str(f) for f in flags]
+
+
+def launch_env(shape: ModelShape, layout: Layout, seq_length: int, global_batch_size: int,
+               gpus_per_node: int) -> dict[str, str]:
+    """The settings of ``examples/pretrain_llama2_*.sh`` that run this layout.
+
+    A shape that is not a preset goes in as ``MODEL=7b`` with its own shape flags in ``EXTRA_ARGS``
+    (Megatron's parser keeps the last value of a repeated flag).
+    """
+    gpus = layout.gpus
+    env = {
+        "MODEL": shape.name if shape.name in PRESETS and PRESETS[shape.name] == shape else "7b",
+        "NNODES": str(max(1, gpus // gpus_per_node)),
+        "GPUS_PER_NODE": str(min(gpus, gpus_per_node)),
+        "TP": str(layout.tp), "PP": str(layout.pp), "CP": str(layout.cp),
+        "SEQ_LENGTH": str(seq_length),
+        "MBS": str(layout.micro_batch_size), "GBS": str(global_batch_size),
+        "RECOMPUTE": layout.recompute,
+    }
+    if layout.recompute == "block":
+        env["RECOMPUTE_NUM_LAYERS"] = str(layout.recompute_layers)
+    if env["MODEL"] != shape.name:
+        env["EXTRA_ARGS"] = " ".join(shape_flags(shape))
+    return env
+
+
+def format_env(env: dict[str, str], distributed_optimizer: bool = True) -> str:
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    if not distributed_optimizer:
+        lines.append("# the examples always use --use-distributed-optimizer; this plan assumed it off")
+    return "\n".join(lines)
+
+
+def launch_command(env: dict[str, str], script: str = LAUNCH_SCRIPT) -> list[str]:
+    """The ``pretrain_harpe.py`` arguments the launch script builds for ``env`` (its ``--dry-run``)."""
+    placeholders = dict(DATA_PATH="data/mixture", TOKENIZER_MODEL="tokenizer.model")
+    full_env = {**os.environ, **placeholders, **env}
+    done = subprocess.run([script, "--dry-run"], env=full_env, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise ValueError(f"{os.path.basename(script)} --dry-run failed: {done.stderr.strip()}")
+    line = next((ln for ln in done.stdout.splitlines() if "pretrain_harpe.py" in ln), None)
+    if line is None:
+        raise ValueError(f"{os.path.basename(script)} --dry-run printed no pretrain_harpe.py command")
+    command = shlex.split(line)
+    return command[next(i for i, a in enumerate(command) if a.endswith("pretrain_harpe.py")) + 1:]
+
+
+def megatron_args(env: dict[str, str], script: str = LAUNCH_SCRIPT):
+    """Megatron's parsed and validated arguments for the run ``env`` launches (world size = its GPUs)."""
+    from megatron_harpe.training.entry import parse_and_validate
+
+    world = int(env["NNODES"]) * int(env["GPUS_PER_NODE"])
+    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
+    argv = sys.argv
+    os.environ.update(WORLD_SIZE=str(world), RANK="0")
+    command = launch_command(env, script)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):     # validate_args prints every argument
+            return parse_and_validate(command)
+    finally:
+        sys.argv = argv
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
