@@ -16,6 +16,7 @@ Timings alternate the contenders and take medians, so machine noise hits both. T
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -159,6 +160,17 @@ def model_step_ratio(device, repeats):
     return med["harpe"] / med["standard"], med
 
 
+def write_json(path, device, kernel, rows, model):
+    """``--json``: the table's rows and the model step (``null`` until measured or with ``--skip-model``)."""
+    if not path:
+        return
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "kernel": kernel,
+              "heads": HEADS, "head_dim": DIM, "rows": rows,
+              "model_step": None if model is None else {"ratio": model[0], "seconds": model[1]}}
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -167,6 +179,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--model-repeats", type=int, default=10, help="timed training steps per model")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE (rewritten after each row "
+                                                  "and after the model step)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -197,11 +211,14 @@ def main(argv=None):
                 "of peak": gbps / peak if peak else None,
                 "saved MiB (harpe, std, per-head)": tuple(round(saved[n] / 2**20, 2) for n in ("harpe", "standard", "unfused_per_head")),
                 "ms (harpe, std)": (timed["harpe"] * 1e3, timed["standard"] * 1e3),
+                "ms": {name: t * 1e3 for name, t in timed.items()},
             }
             rows.append(row)
+            write_json(args.json, device, kernel, rows, None)
             print(f"  s={seq} {dname}: done", flush=True)
             del fns
     model = None if args.skip_model else model_step_ratio(device, args.model_repeats)
+    write_json(args.json, device, kernel, rows, model)
 
     print("\n| s | dtype | saved: HARPE / standard | saved: unfused per-head / standard | fwd+bwd: HARPE / standard "
           "| HARPE / TE fused | HARPE GB/s | of peak bandwidth | saved MiB (HARPE, std, per-head) | ms (HARPE, std) |")
