@@ -133,21 +133,14 @@ run_step() {
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$name" "$rc" "$took" "$limit" "$log" "$artifact" >> "$out/steps.tsv"
 }
 
-# More checks, after the pretrain runs: one run_step line each; its KIND picks the row builder in
-# benchmarks/gpu_check_report.py (ROW_BUILDERS; unknown kinds are "generic": PASS on exit 0, the log's last line).
 # The planner's estimate for the small Llama above (one GPU, no distributed optimizer, no recompute), which the
-# report sets beside the HARPE run's measured peak.
+# report sets beside the HARPE run's measured peak. A step's KIND (run_step's first argument) picks its row builder
+# in benchmarks/gpu_check_report.py (ROW_BUILDERS; unknown kinds are "generic": PASS on exit 0, the log's last line).
 PLANNER_MODEL='{"num_layers": 8, "hidden_size": 2048, "ffn_hidden_size": 5504, "num_attention_heads": 16,
  "num_query_groups": 8, "vocab_size": 32000}'
 PLANNER_CMD=( "$PY" tools/plan_parallelism.py --model "$out/small_llama.json" --seq-length 32768 --gpus 1
               --gpu-memory 1024 --headroom 0 --micro-batch-size 1 --global-batch-size 2 --tp 1 --pp 1 --cp 1
               --recompute none --no-distributed-optimizer --show-infeasible --top 1 --json )
-extra_steps() {
-  (( dry )) || printf '%s\n' "$PLANNER_MODEL" > "$out/small_llama.json"
-  run_step planner "planner estimate / measured" "$T_PLANNER" planner.log planner.json \
-    bash -c "$(printf '%q ' "${PLANNER_CMD[@]}") > $(printf '%q' "$out/planner.json")"
-}
-
 # --- main ----------------------------------------------------------------------------------------------------------
 if (( dry )); then
   printf '%q ' timeout -k 5 "$T_ENV" "${ENV_CMD[@]}"; printf '\n'
@@ -182,7 +175,9 @@ run_step pretrain:harpe "pretrain HARPE" "$T_PRETRAIN" pretrain_harpe.log "" \
   "${LAUNCH[@]}" "${MODEL_ARGS[@]}" "${HARPE_ROPE[@]}"
 run_step pretrain:standard "pretrain standard RoPE" "$T_PRETRAIN" pretrain_standard.log "" \
   "${LAUNCH[@]}" "${MODEL_ARGS[@]}" "${STANDARD_ROPE[@]}"
-extra_steps
+(( dry )) || printf '%s\n' "$PLANNER_MODEL" > "$out/small_llama.json"
+run_step planner "planner estimate / measured" "$T_PLANNER" planner.log planner.json \
+  bash -c "$(printf '%q ' "${PLANNER_CMD[@]}") > $(printf '%q' "$out/planner.json")"
 
 if (( dry )); then
   printf '%q ' "${REPORT_CMD[@]}"; printf '\n'

@@ -421,7 +421,7 @@ def rows_generic(step: Step, outdir: str, context: dict) -> list[Row]:
 # EXTENSION POINT: a step of kind K in steps.tsv becomes rows through ROW_BUILDERS[K] (the part of K before ':');
 # builders run in the order of steps.tsv and share `context` (the pretrain runs' parses are in
 # context['pretrain']['harpe' | 'standard'], e.g. 'peak_allocated_mib'), so a later row can set a number next to a
-# measured one: add its kind here and a run_step line in gpu_check.sh's extra_steps. Unknown kinds are generic.
+# measured one: add its kind here and a run_step line in gpu_check.sh. Unknown kinds are generic.
 ROW_BUILDERS: dict[str, Callable[[Step, str, dict], list[Row]]] = {
     "pytest": rows_pytest,
     "rope": rows_rope,

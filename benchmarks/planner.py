@@ -31,9 +31,7 @@ RUNS = [
 def main() -> None:
     rows = []
     for label, env in RUNS:
-        env = {"GPUS_PER_NODE": "8", "HARPE_ARGS": "--harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6",
-               **env}
-        r = {k: v / 1024 for k, v in compare(megatron_args(env)).items()}
+        r = {k: v / 1024 for k, v in compare(megatron_args({"GPUS_PER_NODE": "8", **env})).items()}
         rows.append(f"| {label} | {r['ours_weights_and_optimizer_mib']:.1f} | {r['megatron_weights_and_optimizer_mib']:.1f}"
                     f" | {r['ours_activations_mib']:.1f} | {r['megatron_activations_mib']:.1f}"
                     f" | {r['ours_total_mib']:.1f} | {r['megatron_total_mib']:.1f} |")

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from megatron_harpe.planning.launch import format_env, launch_env, megatron_args
+from megatron_harpe.planning.megatron_reference import megatron_estimate
 from megatron_harpe.planning.memory import RECOMPUTE_CHOICES, ROPE_IMPLS
 from megatron_harpe.planning.search import GIB, Hardware, Plan, Request, search
 from megatron_harpe.planning.shapes import PRESETS, resolve_model
@@ -86,21 +88,14 @@ def request_from(args) -> tuple[Request, Hardware]:
 
 
 def plan_env(plan: Plan, request: Request, hardware: Hardware) -> dict[str, str]:
-    from megatron_harpe.planning.launch import launch_env
-
     return launch_env(request.shape, plan.layout, request.seq_length, request.global_batch_size,
                       hardware.gpus_per_node)
 
 
 def megatron_columns(plan: Plan, request: Request, hardware: Hardware) -> str:
-    from megatron_harpe.planning.megatron_reference import MIB, megatron_estimate
-    from megatron_harpe.planning.launch import megatron_args
-
-    # Bases do not change memory: a uniform list parses without the peak-valley search.
-    env = {"HARPE_ARGS": "--harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6",
-           **plan_env(plan, request, hardware)}
     try:
-        static, activations = megatron_estimate(megatron_args(env), plan.layout.num_microbatches)
+        static, activations = megatron_estimate(megatron_args(plan_env(plan, request, hardware)),
+                                                plan.layout.num_microbatches)
     except Exception as e:  # a layout Megatron itself rejects is worth showing, not a crash
         return f"megatron: {str(e).splitlines()[0][:60]}"
     return f"{static / GIB:7.1f} {activations / GIB:7.1f} {(static + activations) / GIB:7.1f}"
@@ -148,8 +143,9 @@ def print_table(plans, request, hardware, args, out) -> None:
         if not plan.fits:
             row += f"   does not fit: {plan.note}"
         print(row, file=out)
-    if len(fitting) > len([p for p in shown if p.fits]):
-        print(f"... {len(fitting) - len([p for p in shown if p.fits])} more layouts fit (--top)", file=out)
+    unshown = len(fitting) - sum(p.fits for p in shown)
+    if unshown:
+        print(f"... {unshown} more layouts fit (--top)", file=out)
     if not args.show_infeasible and len(plans) > len(fitting):
         print(f"{len(plans) - len(fitting)} layouts do not fit even with full recompute (--show-infeasible)", file=out)
 
@@ -173,8 +169,6 @@ def main(argv=None) -> int:
         if not 1 <= args.emit_env <= len(fitting):
             print(f"error: --emit-env {args.emit_env}: {len(fitting)} layouts fit", file=sys.stderr)
             return 1
-        from megatron_harpe.planning.launch import format_env
-
         print(format_env(plan_env(fitting[args.emit_env - 1], request, hardware), request.distributed_optimizer))
         return 0
     if args.json:

@@ -14,6 +14,7 @@ from megatron_harpe.planning.shapes import PRESETS, ModelShape
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH_SCRIPT = os.path.join(REPO, "examples", "pretrain_llama2_harpe.sh")
+UNIFORM_HARPE_ARGS = "--harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6"
 
 
 def shape_flags(shape: ModelShape) -> list[str]:
@@ -72,9 +73,14 @@ def launch_command(env: dict[str, str], script: str = LAUNCH_SCRIPT) -> list[str
 
 
 def megatron_args(env: dict[str, str], script: str = LAUNCH_SCRIPT):
-    """Megatron's parsed and validated arguments for the run ``env`` launches (world size = its GPUs)."""
+    """Megatron's parsed and validated arguments for the run ``env`` launches (world size = its GPUs).
+
+    Unless ``env`` sets ``HARPE_ARGS``, the bases are a uniform list: they do not change memory or layout, and
+    the examples' default peak-valley search (13B, 70B) would take seconds per parse.
+    """
     from megatron_harpe.training.entry import parse_and_validate
 
+    env = {"HARPE_ARGS": UNIFORM_HARPE_ARGS, **env}
     world = int(env["NNODES"]) * int(env["GPUS_PER_NODE"])
     saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
     argv = sys.argv

@@ -117,28 +117,27 @@ def recompute_options(request: Request, layers_per_stage: int) -> list[tuple[str
     if request.recompute == "block":
         if request.recompute_layers is not None:
             return [("block", request.recompute_layers)]
-        return [("block", k) for k in range(1, layers_per_stage)]
+        # 1..L-1 (L would be full recompute); a one-layer stage still gets block 1.
+        return [("block", k) for k in range(1, max(layers_per_stage, 2))]
     return [("none", 0)] + [("block", k) for k in range(1, layers_per_stage)] + [("full", 0)]
 
 
 def plan_layout(request: Request, hardware: Hardware, tp: int, pp: int, cp: int, dp: int) -> Plan:
     """The least recompute that fits for this layout, or (not fitting) the most recompute considered."""
     microbatches = request.global_batch_size // (request.micro_batch_size * dp)
-    plan = None
     for recompute, k in recompute_options(request, request.shape.num_layers // pp):
         layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, micro_batch_size=request.micro_batch_size,
                         num_microbatches=microbatches, recompute=recompute, recompute_layers=k,
                         distributed_optimizer=request.distributed_optimizer)
         memory = estimate_memory(request.shape, layout, request.seq_length, harpe=request.harpe,
                                  rope_impl=request.rope_impl)
-        comm = comm_volume(request.shape, layout, request.seq_length)
         fits = memory.total <= hardware.usable_bytes
-        note = "" if fits else (f"needs {memory.total / GIB:.1f} GiB > {hardware.usable_bytes / GIB:.1f} GiB usable "
-                                f"({hardware.gpu_memory_gib:g} GiB less {hardware.headroom:.0%} headroom)")
-        plan = Plan(layout, memory, comm, step_seconds(request, layout, comm, hardware), fits, note)
         if fits:
-            return plan
-    return plan
+            break
+    note = "" if fits else (f"needs {memory.total / GIB:.1f} GiB > {hardware.usable_bytes / GIB:.1f} GiB usable "
+                            f"({hardware.gpu_memory_gib:g} GiB less {hardware.headroom:.0%} headroom)")
+    comm = comm_volume(request.shape, layout, request.seq_length)
+    return Plan(layout, memory, comm, step_seconds(request, layout, comm, hardware), fits, note)
 
 
 def search(request: Request, hardware: Hardware) -> tuple[list[Plan], list[str]]:

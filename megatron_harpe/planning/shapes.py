@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
+
+from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
 
 from megatron_harpe.configs import LLAMA2_SHAPES, LLAMA2_VOCAB_SIZE
 
@@ -45,9 +47,9 @@ class ModelShape:
         return 2 * self.num_query_groups * self.kv_channels
 
     def padded_vocab_size(self, tp: int) -> int:
-        """Megatron pads the vocabulary to a multiple of 128 x TP (``vocab_size_with_padding``)."""
-        multiple = VOCAB_DIVISOR * tp
-        return math.ceil(self.vocab_size / multiple) * multiple
+        """The vocabulary as Megatron pads it: a multiple of 128 x TP (its own ``vocab_size_with_padding``)."""
+        args = SimpleNamespace(make_vocab_size_divisible_by=VOCAB_DIVISOR, tensor_model_parallel_size=tp, rank=0)
+        return vocab_size_with_padding(self.vocab_size, args, logging_enabled=False)
 
     # Parameters, split by how tensor parallelism holds them.
     def layer_sharded_parameters(self) -> int:

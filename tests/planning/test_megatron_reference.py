@@ -7,12 +7,10 @@ from megatron_harpe.planning.launch import megatron_args
 from megatron_harpe.planning.megatron_reference import compare, megatron_estimate, plan_inputs
 from megatron_harpe.planning.memory import estimate_memory
 
-UNIFORM = "--harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6"
-
 
 def parsed(model, nodes, tp, pp, cp, recompute="selective", **extra):
     env = dict(MODEL=model, NNODES=str(nodes), GPUS_PER_NODE="8", TP=str(tp), PP=str(pp), CP=str(cp),
-               RECOMPUTE=recompute, HARPE_ARGS=UNIFORM, **extra)
+               RECOMPUTE=recompute, **extra)
     return megatron_args(env)
 
 

@@ -58,3 +58,9 @@ def test_communication_volumes():
     assert plain.dp / solo.dp == pytest.approx(8 / 6)             # all-reduce fp32 vs reduce-scatter fp32 + gather bf16
     recomputed = comm_volume(shape, dataclasses.replace(base, tp=4, dp=2, recompute="full"), SEQ)
     assert recomputed.tp > tp4.tp                                  # the recomputed forward gathers again
+
+
+def test_block_recompute_with_one_layer_stages():
+    request = Request(PRESETS["7b"], SEQ, 32, 1, 32, recompute="block", fixed={"pp": 32})
+    plans, _ = search(request, Hardware(80))
+    assert plans and all(p.layout.recompute == "block" and p.layout.recompute_layers == 1 for p in plans)
