@@ -3,8 +3,9 @@
 megatron-core's local ``DotProductAttention`` allocates from a CUDA buffer, refuses packed sequences
 and context parallelism, and Transformer Engine needs a GPU. This module takes the same constructor
 and ``forward`` contract so the local layer spec runs HARPE models on a CPU under every kind of
-parallelism Megatron uses. Under context parallelism K and V are all-gathered over the CP group and
-put back in sequence order; the causal mask is built from the true positions of Megatron's
+parallelism Megatron uses. Under context parallelism K and V are all-gathered over the CP group (the
+micro-batch's ``packed_seq_params.cp_group`` when it brings one, as with Transformer Engine) and put back
+in sequence order; the causal mask is built from the true positions of Megatron's
 load-balanced layout (:mod:`megatron_harpe.positions`). It is a reference path: memory grows with
 ``s_local * s``, which is fine for tests and small CPU runs. On GPUs use the TE spec.
 """
@@ -27,7 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_harpe.positions import cp_local_indices, packed_local_coordinates
+from megatron_harpe.positions import cached_packed_local_coordinates, cp_local_indices, packed_cp_group, rank_and_size
 
 _CAUSAL_TYPES = (AttnMaskType.causal, AttnMaskType.padding_causal)
 
@@ -60,7 +61,8 @@ def _coordinates(length: int, packed: Optional[Tensor], cp_rank: int, cp_size: i
     if packed is None:
         index = cp_local_indices(length, cp_rank, cp_size, device=device)
         return torch.zeros_like(index), index
-    seq_id, pos = packed_local_coordinates(packed, cp_rank, cp_size)
+    seq_id, pos = cached_packed_local_coordinates(packed, cp_rank, cp_size, length // cp_size)
+    # seq_id may be len(packed) - 1 for trailing padding rows: packed[-1] is where they start.
     return seq_id, pos + packed.to(pos.device)[seq_id]
 
 
@@ -124,11 +126,11 @@ class SDPAttention(MegatronModule):
             # [t, h, d] -> [t, 1, h, d]: the packed batch is one row.
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
 
-        cp_size = self.cp_group.size() if self.cp_group is not None else 1
-        cp_rank = self.cp_group.rank() if self.cp_group is not None else 0
+        cp_group = packed_cp_group(packed_seq_params, self.cp_group)  # megatron's dynamic CP, as TE's attention
+        cp_rank, cp_size = rank_and_size(cp_group)
         if cp_size > 1:
-            key = _GatherSequence.apply(key, self.cp_group)
-            value = _GatherSequence.apply(value, self.cp_group)
+            key = _GatherSequence.apply(key, cp_group)
+            value = _GatherSequence.apply(value, cp_group)
 
         s_q, s_k = query.size(0), key.size(0)
         allowed = None

@@ -24,7 +24,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 
 from megatron_harpe.bases import validate_bases
 from megatron_harpe.kernels.torch_rope import join_pairs
-from megatron_harpe.positions import check_cp_divisible, cp_local_indices
+from megatron_harpe.positions import check_cp_divisible, cp_local_indices, packed_cp_group, rank_and_size
 
 
 def rotary_dim(kv_channels: int, rotary_percent: float) -> int:
@@ -56,12 +56,6 @@ def check_groups_divisible(num_query_groups: int, tp_size: int) -> None:
             f"({tp_size}): each TP rank must hold whole query groups; choose a TP size that divides "
             f"{num_query_groups}"
         )
-
-
-def _group_of(pg: Optional[torch.distributed.ProcessGroup]) -> tuple[int, int]:
-    if pg is None:
-        return 0, 1
-    return pg.rank(), pg.size()
 
 
 class HarpeRotaryEmbedding(nn.Module):
@@ -105,7 +99,7 @@ class HarpeRotaryEmbedding(nn.Module):
             tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
         if cp_group is None:
             cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
-        tp_rank, tp_size = _group_of(tp_group)
+        tp_rank, tp_size = rank_and_size(tp_group)
         check_groups_divisible(num_query_groups, tp_size)
         self.cp_group = cp_group
         self.compact = False
@@ -150,7 +144,7 @@ class HarpeRotaryEmbedding(nn.Module):
         kernels) it returns ``(positions [s], inv_freq [groups_local, dim/2])`` instead: the same
         information without materializing ``s * heads * dim`` frequencies.
         """
-        cp_rank, cp_size = _group_of(cp_group if cp_group is not None else self.cp_group)
+        cp_rank, cp_size = rank_and_size(cp_group if cp_group is not None else self.cp_group)
         if packed_seq:
             cp_rank, cp_size = 0, 1
         else:
@@ -170,5 +164,25 @@ class HarpeRotaryEmbedding(nn.Module):
         state_dict.pop(f"{prefix}inv_freq", None)
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    # The rotary length depends on the input, not on the bases: megatron's rule applies unchanged.
-    get_rotary_seq_len = RotaryEmbedding.get_rotary_seq_len
+    def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config,
+                           packed_seq_params=None, *, inference_params=None) -> int:
+        """megatron's rule, except for packed THD batches on HARPE's kernels (``compact``).
+
+        Megatron sizes the table of a packed batch by ``max_seqlen`` (unpadded). HARPE's kernels index
+        the table with each token's position in its *padded* sequence (``cu_seqlens_q_padded``), which can
+        reach past ``max_seqlen``; no position reaches past the whole pack, so the table covers that:
+        the local rows x CP size (x TP size under sequence parallelism), all known from shapes, without a
+        host sync. The unfused path keeps megatron's length: megatron's THD RoPE treats a table as long
+        as the pack as one continuous sequence (positions not restarting per sequence).
+        """
+        length = RotaryEmbedding.get_rotary_seq_len(self, inference_context, transformer, transformer_input,
+                                                    transformer_config, packed_seq_params,
+                                                    inference_params=inference_params)
+        if not (self.compact and packed_seq_params is not None and packed_seq_params.qkv_format == "thd"):
+            return length
+        has_input = transformer is not None and transformer.input_tensor is not None  # later pipeline stages
+        rows = (transformer.input_tensor if has_input else transformer_input).size(0)
+        if transformer_config.sequence_parallel:
+            rows *= transformer_config.tensor_model_parallel_size
+        _, cp_size = rank_and_size(packed_cp_group(packed_seq_params, self.cp_group))
+        return max(length, rows * cp_size)

@@ -13,7 +13,12 @@ through the layer spec) rotates q and k itself, right after the QKV projection, 
 * ``unfused`` - megatron's own unfused path with materialized per-head frequencies (for comparison).
 
 Whatever the config says, fused RoPE is never used here. Inference (a KV cache) always takes megatron's
-unfused path, which slices the frequencies to the cache position.
+unfused path, which slices the frequencies to the cache position. Layers that ``config.no_rope_freq`` marks
+get no RoPE on any path, as in megatron's ``Attention``.
+
+Packed (THD) batches: each token takes its position inside its own padded sequence (and CP chunk),
+computed on the device once per micro-batch (:func:`~megatron_harpe.positions.cached_packed_local_coordinates`)
+over ``packed_seq_params.cp_group`` when it is set, else the attention's CP group.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.kernels import harpe_rope_qk
-from megatron_harpe.positions import packed_local_coordinates
+from megatron_harpe.positions import cached_packed_local_coordinates, packed_cp_group, rank_and_size
 from megatron_harpe.rotary import materialize_frequencies
 
 ROPE_IMPLS = ("auto", "torch", "triton", "unfused")
@@ -65,6 +70,9 @@ class HarpeSelfAttention(SelfAttention):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, *args, packed_seq_params=None, inference_params=None, **kwargs):
         inference_context = inference_context if inference_context is not None else inference_params
+        if self._skips_rope():
+            # megatron's Attention.forward drops it too, but only after the capture below.
+            rotary_pos_emb = None
         if rotary_pos_emb is not None and self.rope_impl != "unfused":
             positions, inv_freq = rotary_pos_emb
             if inference_context is not None:
@@ -81,6 +89,18 @@ class HarpeSelfAttention(SelfAttention):
         finally:
             self._pending_rope = None
 
+    def _skips_rope(self) -> bool:
+        """megatron's test: ``no_rope_freq`` is 0-indexed per layer, ``layer_number`` 1-indexed."""
+        return bool(self.config.no_rope_freq and self.config.no_rope_freq[self.layer_number - 1])
+
+    def _packed_positions(self, positions: Tensor, packed_seq_params, rows: int) -> Tensor:
+        """Each packed token's position in its own padded sequence: the provider's table indexed per token."""
+        cu = packed_seq_params.cu_seqlens_q_padded
+        cu = cu if cu is not None else packed_seq_params.cu_seqlens_q
+        cp_rank, cp_size = rank_and_size(packed_cp_group(packed_seq_params, self.pg_collection.cp))
+        _, within = cached_packed_local_coordinates(cu, cp_rank, cp_size, rows)
+        return positions[within.to(positions.device)]
+
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
         out = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
                                                   split_qkv=split_qkv)
@@ -90,12 +110,8 @@ class HarpeSelfAttention(SelfAttention):
         self._pending_rope = None
         query, key, *rest = out
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            # The provider gives positions 0..max_seqlen-1; each packed sequence starts again at 0.
-            cu = packed_seq_params.cu_seqlens_q_padded
-            cu = cu if cu is not None else packed_seq_params.cu_seqlens_q
-            cp = self.pg_collection.cp
-            _, within = packed_local_coordinates(cu, cp.rank(), cp.size())
-            positions = positions[within.to(positions.device)]
+            # The provider gives positions 0..pack length-1; each packed sequence starts again at 0.
+            positions = self._packed_positions(positions, packed_seq_params, query.size(0))
         if positions.numel() != query.size(0):
             raise ValueError(f"HARPE RoPE got {positions.numel()} positions for {query.size(0)} query rows")
         query, key = harpe_rope_qk(query, key, positions, inv_freq, self.config.rotary_interleaved, impl=self.rope_impl)

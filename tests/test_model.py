@@ -1,9 +1,15 @@
+import itertools
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_harpe import positions as positions_module
 from megatron_harpe import HarpeGPTModel, HarpeHybridModel, harpe_hybrid_stack_spec, harpe_layer_spec
 from megatron_harpe.model import standard_layer_spec
 from megatron_harpe.attention import SDPAttention
@@ -123,18 +129,46 @@ def test_harpe_saves_no_more_for_backward_than_standard_rope():
     assert unfused > harpe  # megatron's unfused path keeps [s, 1, h, d] cos/sin per layer
 
 
-@pytest.mark.parametrize("rope_impl", ["torch", "unfused"])
-def test_packed_thd_equals_sequences_run_separately(rope_impl):
+def packed_params(lengths, padded_lengths=None):
+    """THD parameters as megatron-LM builds them: max_seqlen is the longest *unpadded* sequence."""
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    padded = None if padded_lengths is None else torch.tensor([0, *itertools.accumulate(padded_lengths)],
+                                                              dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+                           cu_seqlens_kv_padded=padded, max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+
+
+# Padded: the last sequence (7 tokens, padded to 8) reaches past max_seqlen = 7. Megatron's own THD RoPE
+# (the unfused path) sizes its table by max_seqlen and cannot run that batch, so only the kernel path is asked to.
+@pytest.mark.parametrize("rope_impl, padded_lengths", [("torch", None), ("unfused", None), ("torch", [8, 4, 8])])
+def test_packed_thd_equals_sequences_run_separately(rope_impl, padded_lengths):
     model = tiny_model(tiny_config(), harpe_rope_impl=rope_impl).eval()
     lengths = [6, 3, 7]
     seqs = [tokens(1, n, seed=i) for i, n in enumerate(lengths)]
-    cu = torch.tensor([0, 6, 9, 16], dtype=torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7)
-    packed = model(torch.cat(seqs, dim=1), None, None, packed_seq_params=params)
+    slots = padded_lengths or lengths
+    # Each sequence, then its padding (token 0; causal attention keeps real tokens from seeing it).
+    ids = torch.cat([torch.cat([s, torch.zeros(1, p - n, dtype=s.dtype)], dim=1)
+                     for s, n, p in zip(seqs, lengths, slots)], dim=1)
+    packed = model(ids, None, None, packed_seq_params=packed_params(lengths, padded_lengths))
     start = 0
-    for ids, n in zip(seqs, lengths):
-        torch.testing.assert_close(packed[:, start : start + n], model(ids, None, None), atol=1e-5, rtol=1e-5)
-        start += n
+    for seq, n, slot in zip(seqs, lengths, slots):
+        torch.testing.assert_close(packed[:, start : start + n], model(seq, None, None), atol=1e-5, rtol=1e-5)
+        start += slot
+
+
+def test_packed_positions_are_computed_once_per_micro_batch(monkeypatch):
+    # Every layer, the core attention and the recompute of every layer reuse one computation per cu_seqlens.
+    calls = []
+    compute = positions_module.packed_local_coordinates
+    monkeypatch.setattr(positions_module, "packed_local_coordinates", lambda *a: calls.append(a) or compute(*a))
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    model = tiny_model(tiny_config(num_layers=3, **recompute)).train()
+    for micro_batch in range(2):
+        params = packed_params([6, 3, 7], [8, 4, 8])  # new tensors: a new micro-batch
+        ids = tokens(1, 20, seed=micro_batch)
+        with megatron_on_cpu():
+            model(ids, None, None, labels=ids, packed_seq_params=params).sum().backward()
+        assert len(calls) == micro_batch + 1
 
 
 def test_hybrid_model_with_attention_mlp_pattern_gives_the_same_logits():
@@ -175,23 +209,110 @@ def test_non_rope_and_llama3_scaling_are_refused():
         tiny_model(tiny_config(), rope_scaling=True)
 
 
+def decode(model, ids, prompt=8):
+    """Logits of a prompt, then of one token at a time against the KV cache."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    with torch.no_grad(), megatron_on_cpu():  # the KV cache is allocated on "cuda"
+        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=16)
+        steps = [model(ids[:, :prompt], None, None, inference_context=context)]
+        context.sequence_len_offset += prompt
+        for i in range(prompt, ids.size(1)):
+            steps.append(model(ids[:, i : i + 1], None, None, inference_context=context))
+            context.sequence_len_offset += 1
+    return torch.cat(steps, dim=1)
+
+
 @pytest.mark.parametrize("rope_impl", ["torch", "unfused"])
 def test_kv_cache_decoding_matches_the_full_forward(rope_impl):
     # Inference takes megatron's unfused RoPE, sliced to the cache position, with per-head frequencies.
-    from megatron.core.inference.contexts import StaticInferenceContext
-
     model = tiny_model(tiny_config(), harpe_rope_impl=rope_impl).eval()
     ids = tokens(1, 12)
     with torch.no_grad():
         full = model(ids, None, None)
-        with megatron_on_cpu():  # the KV cache is allocated on "cuda"
-            context = StaticInferenceContext(max_batch_size=1, max_sequence_length=16)
-            steps = [model(ids[:, :8], None, None, inference_context=context)]
-            context.sequence_len_offset += 8
-            for i in range(8, 12):
-                steps.append(model(ids[:, i : i + 1], None, None, inference_context=context))
-                context.sequence_len_offset += 1
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decode(model, ids), full, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --no-rope-freq: the layers it marks get no RoPE on any path, as in megatron's Attention.
+
+NO_ROPE_LAYERS = [
+    dict(num_layers=4, no_rope_freq=2),  # an int N: every Nth layer, [0, 1, 0, 1] after megatron's __post_init__
+    dict(num_layers=3, no_rope_freq=[1, 0, 1]),
+]
+
+
+def equal_bases_pair(config, rope_impl):
+    """megatron's GPTModel with standard RoPE and a HARPE model with all bases equal to its base, same weights."""
+    standard = plain_gpt(config, 10000)
+    harpe = tiny_model(config, bases=[10000, 10000], harpe_rope_impl=rope_impl)
+    harpe.load_state_dict(standard.state_dict())
+    return standard, harpe
+
+
+def check_no_rope_layers_match_megatron(rope_impl, layers, compare):
+    """Logits and every gradient of HARPE (equal bases) against megatron's GPTModel under ``no_rope_freq``."""
+    config = tiny_config(**layers)
+    assert 0 < sum(config.no_rope_freq) < config.num_layers, config.no_rope_freq
+    standard, harpe = equal_bases_pair(config, rope_impl)
+    ids = tokens(2, 16)
+    with megatron_on_cpu():  # megatron's RotaryEmbedding moves its table to "cuda"
+        expected = standard.eval()(ids, None, None)
+        loss, grads = loss_and_grads(standard.train(), ids)
+        with_rope = plain_gpt(tiny_config(num_layers=config.num_layers), 10000).eval()(ids, None, None)
+    assert not torch.allclose(with_rope, expected, atol=1e-4)  # the marked layers matter at this size
+    compare(harpe.eval()(ids, None, None), expected, "logits")
+    harpe_loss, harpe_grads = loss_and_grads(harpe.train(), ids)
+    compare(harpe_loss, loss, "loss")
+    for name in grads:
+        compare(harpe_grads[name], grads[name], f"grad of {name}")
+
+
+def bit_for_bit(actual, expected, what):
+    assert torch.equal(actual, expected), f"{what}: max |diff| {(actual - expected).abs().max().item()}"
+
+
+@pytest.mark.parametrize("rope_impl", ["torch", "unfused"])
+@pytest.mark.parametrize("layers", NO_ROPE_LAYERS)
+def test_no_rope_layers_equal_megatron_bit_for_bit(rope_impl, layers):
+    check_no_rope_layers_match_megatron(rope_impl, layers, bit_for_bit)
+
+
+TRITON_NO_ROPE = """
+import sys
+sys.path.insert(0, {tests!r})
+from megatron_harpe.distributed import free_port, init_model_parallel, init_process_group
+import test_model
+init_process_group(0, 1, free_port())
+init_model_parallel(1, 1, 1)
+for layers in test_model.NO_ROPE_LAYERS:
+    test_model.check_no_rope_layers_match_megatron("triton", layers, test_model.close_to_float32_rope)
+print("ok")
+"""
+
+
+def close_to_float32_rope(actual, expected, what):
+    # Triton rounds its float32 rotation once where megatron rounds cos, sin and each product: the
+    # tolerance of the multi-rank parity tests (tests/test_model_parallel.py), far below the ~2e-3
+    # that rotating a layer megatron leaves alone costs.
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-4, msg=lambda m: f"{what}: {m}")
+
+
+def test_no_rope_layers_equal_megatron_with_the_triton_kernel():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")  # Triton's interpreter: the kernel itself, on the CPU
+    script = TRITON_NO_ROPE.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rope_impl", ["torch", "unfused"])
+def test_kv_cache_decoding_skips_no_rope_layers_like_megatron(rope_impl):
+    standard, harpe = equal_bases_pair(tiny_config(**NO_ROPE_LAYERS[1]), rope_impl)
+    ids = tokens(1, 12)
+    with torch.no_grad(), megatron_on_cpu():
+        full = standard.eval()(ids, None, None)
+    torch.testing.assert_close(decode(harpe.eval(), ids), full, atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_rope_impl_is_refused():

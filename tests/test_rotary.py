@@ -3,6 +3,7 @@ import torch
 
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_harpe.cpu_compat import megatron_on_cpu
 from megatron_harpe.rotary import HarpeRotaryEmbedding
@@ -42,6 +43,7 @@ def test_equal_bases_match_megatron_bit_for_bit(interleaved, rotary_percent, int
                              use_cpu_initialization=True, cp_group=FakeGroup(cp_rank, cp_size))
     with megatron_on_cpu():  # megatron's provider moves inv_freq to "cuda" and pins memory for CP slicing
         expected = theirs(seq, offset=offset)
+    expected = expected.cpu()  # on a CUDA machine megatron computed on the GPU (a product each: exact there too)
     q, k = ours(seq, offset=offset)
     assert q.shape == (seq // cp_size, 1, heads, expected.size(-1))
     assert k.shape == (seq // cp_size, 1, groups, expected.size(-1))
@@ -126,3 +128,22 @@ def test_bad_configurations_are_refused():
         provider([1e4, 2e4], heads=4, groups=2, tp=(0, 4))
     with pytest.raises(ValueError, match="positive and finite"):
         provider([1e4, -2e4], heads=2)
+
+
+def test_packed_table_covers_the_whole_pack_on_the_kernel_path():
+    # A padded packed sequence can be longer than max_seqlen (megatron's table length); HARPE's kernels index
+    # the table by position in the padded sequence, so it must reach the pack's length: rows x CP (x TP with SP).
+    params = PackedSeqParams(qkv_format="thd", max_seqlen_q=7, max_seqlen_kv=5)
+    rows = torch.empty(10, 1, 64)  # this rank's THD rows, as the decoder input [t, 1, hidden]
+    rope = provider([1e4, 2e4], heads=2, cp=(1, 2))
+    plain, sequence_parallel = tiny_config(), tiny_config(tp=2, sequence_parallel=True)
+    rope.compact = True
+    assert rope.get_rotary_seq_len(None, None, rows, plain, params) == 20
+    assert rope.get_rotary_seq_len(None, None, rows, sequence_parallel, params) == 40
+    params.cp_group = FakeGroup(0, 4)  # megatron's dynamic CP group for this micro-batch
+    assert rope.get_rotary_seq_len(None, None, rows, plain, params) == 40
+    # Unpacked batches and the unfused path keep megatron's rule (its THD RoPE reads a table as long as the
+    # pack as one continuous sequence).
+    assert rope.get_rotary_seq_len(None, None, rows, plain, None) == 10
+    rope.compact = False
+    assert rope.get_rotary_seq_len(None, None, rows, plain, params) == 7

@@ -32,10 +32,12 @@ if HAVE_TRITON:
                      batch, heads, heads_per_group,
                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
                      INTERLEAVED: tl.constexpr, INVERSE: tl.constexpr):
-        row_batch = tl.program_id(0)
+        # 64-bit offsets: program ids and strides are int32, and row * stride overflows once the tensor
+        # (a view of the fused QKV counts its whole base) reaches 2^31 elements.
+        row_batch = tl.program_id(0).to(tl.int64)
         row = row_batch // batch
         b = row_batch % batch
-        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        h = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
         i = tl.arange(0, BLOCK_HALF)
         mask = (h[:, None] < heads) & (i[None, :] < HALF)
 
