@@ -19,7 +19,36 @@ log = logging.getLogger(__name__)
 SPLIT_WINDOW = 1_000_000
 
 
-class NewlineKeepingLanguageVars(PunktLanguageVars):
+try:
+    from nltk import redos
+except ImportError:  # nltk < 3.10 puts no time limit on its matches
+    redos = None
+
+
+class UntimedLanguageVars(PunktLanguageVars):
+    """punkt's language variables with its own two patterns run without nltk's 5 s limit.
+
+    nltk >= 3.10 times every match against ReDoS, and a ``finditer`` over a text counts as one match: on a busy
+    machine 5 s for a whole 1M-character window is exceeded and a correct split raises ``TimeoutError``. These are
+    punkt's own patterns (not a user's), so they run as they did before nltk 3.10.
+    """
+
+    def _untimed(self, name: str, rx):
+        if redos is None:
+            return rx
+        cache = self.__dict__.setdefault("_untimed_patterns", {})
+        if name not in cache:
+            cache[name] = redos.compile(rx, timeout=None)
+        return cache[name]
+
+    def period_context_re(self):
+        return self._untimed("period_context", super().period_context_re())
+
+    def _word_tokenizer_re(self):
+        return self._untimed("word_tokenizer", super()._word_tokenizer_re())
+
+
+class NewlineKeepingLanguageVars(UntimedLanguageVars):
     """punkt boundaries that leave the whitespace after a sentence in that sentence (``--keep-newlines``)."""
 
     _period_context_fmt = r"""
@@ -64,7 +93,7 @@ class SentenceSplitter:
     """``split(text) -> sentences`` with punkt, in Megatron-LM's 1M-character windows."""
 
     def __init__(self, params: PunktParameters, keep_newlines: bool = False):
-        lang_vars = NewlineKeepingLanguageVars() if keep_newlines else PunktLanguageVars()
+        lang_vars = NewlineKeepingLanguageVars() if keep_newlines else UntimedLanguageVars()
         self.punkt = PunktSentenceTokenizer(params, lang_vars=lang_vars)
 
     def split(self, text: str) -> List[str]:

@@ -66,3 +66,30 @@ def test_split_works_in_megatron_windows(trained):
     # The window edge cuts one sentence in two, exactly as Megatron-LM's splitter does.
     assert len(sentences) == text.count(".") + 1
     assert "".join(sentences).replace(" ", "") == text.replace(" ", "")
+
+
+@pytest.mark.parametrize("keep_newlines", [False, True])
+def test_punkt_window_patterns_run_without_nltks_match_time_limit(trained, monkeypatch, keep_newlines):
+    """nltk >= 3.10 times a whole finditer over a window (5 s): a correct split of 1M characters raised on a busy
+    machine. The two patterns that scan a whole window run untimed (plain punkt's fail once the limit is shrunk to
+    nothing) and give the same matches, so the sentences are punkt's."""
+    redos = pytest.importorskip("nltk.redos")
+    from nltk.tokenize.punkt import PunktLanguageVars, PunktSentenceTokenizer
+
+    from megatron_harpe.data.sentences import NewlineKeepingLanguageVars, UntimedLanguageVars
+
+    text = FillerText(seed=9).document(400)
+    ours, plain = (NewlineKeepingLanguageVars() if keep_newlines else UntimedLanguageVars()), PunktLanguageVars()
+    spans = [m.span() for m in ours.period_context_re().finditer(text)]
+    words = ours.word_tokenize(text)
+    assert words == plain.word_tokenize(text) and len(spans) > 5
+    if not keep_newlines:
+        assert spans == [m.span() for m in plain.period_context_re().finditer(text)]
+        assert SentenceSplitter(trained).split(text) == PunktSentenceTokenizer(trained).tokenize(text)
+    monkeypatch.setattr(redos, "DEFAULT_TIMEOUT", 1e-9)
+    with pytest.raises(TimeoutError):
+        list(plain.period_context_re().finditer(text))
+    with pytest.raises(TimeoutError):
+        plain.word_tokenize(text)
+    assert [m.span() for m in ours.period_context_re().finditer(text)] == spans
+    assert ours.word_tokenize(text) == words
