@@ -111,8 +111,9 @@ def resolve_harpe_args(args: argparse.Namespace) -> Optional[list[float]]:
     if isinstance(bases, str) and args.harpe_descending:
         chosen = sorted(chosen, reverse=True)
     args.harpe_bases = chosen
-    logger.info("HARPE bases (%d, one per query group, %s): %s", len(chosen),
-                strategy if strategy != "none" else "given", ", ".join(f"{b:.6g}" for b in chosen))
+    if getattr(args, "rank", 0) == 0:  # megatron's parse_args reads RANK; one line per job, not per rank
+        logger.info("HARPE bases (%d, one per query group, %s): %s", len(chosen),
+                    strategy if strategy != "none" else "given", ", ".join(f"{b:.6g}" for b in chosen))
     return chosen
 
 

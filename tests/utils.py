@@ -108,3 +108,10 @@ def reference_llama_logits(params: dict, ids: torch.Tensor, config, bases) -> to
         h = h + (F.silu(gate) * up) @ p[pre + "mlp.linear_fc2.weight"].T
     h = _rms(h, p["decoder.final_layernorm.weight"], eps)
     return h @ p["output_layer.weight"].T
+
+
+# Megatron-LM flags for a tiny model on mock data (the parse-only tests of megatron_harpe.training).
+TINY_ARGV = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+             "--seq-length", "64", "--max-position-embeddings", "64", "--micro-batch-size", "2", "--lr", "1e-3",
+             "--train-iters", "2", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "127",
+             "--position-embedding-type", "rope"]

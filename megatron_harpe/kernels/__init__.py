@@ -11,6 +11,7 @@ Implementations: ``torch`` (any device), ``triton`` (CUDA; CPU under ``TRITON_IN
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from megatron_harpe.kernels.function import HarpeRopeQK
@@ -28,7 +29,21 @@ def resolve_kernel(impl: str, device) -> str:
     return impl
 
 
+_reported: set[str] = set()
+
+
+def _report_first_use(kernel: str, device) -> None:
+    """One line per kernel and process (rank 0 of a job): what really ran, for logs and benchmarks/gpu_check."""
+    if kernel in _reported:
+        return
+    _reported.add(kernel)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(f"HARPE RoPE kernel: {kernel} (first call, on {device})", flush=True)
+
+
 def harpe_rope_qk(q: Tensor, k: Tensor, positions: Tensor, inv_freq: Tensor, interleaved: bool = False,
                   impl: str = "auto") -> tuple[Tensor, Tensor]:
-    rotate = rotate_qk_triton if resolve_kernel(impl, q.device) == "triton" else rotate_qk_torch
+    kernel = resolve_kernel(impl, q.device)
+    _report_first_use(kernel, q.device)
+    rotate = rotate_qk_triton if kernel == "triton" else rotate_qk_torch
     return HarpeRopeQK.apply(q, k, positions, inv_freq, interleaved, rotate)

@@ -93,6 +93,11 @@ def load_model(root: str, iteration: Optional[int] = None, *, rope_impl: Optiona
         from megatron_harpe.training.compact import prepare_args_for_cpu
 
         prepare_args_for_cpu(args)
+    else:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+
+        if not HAVE_TE:  # reading weights, not training: the local spec has the same parameters and keys
+            args.transformer_impl = "local"
     args.bf16 = args.fp16 = False
     args.params_dtype = torch.float32
     with megatron_on_cpu():

@@ -26,6 +26,7 @@ from megatron.core.distributed import DistributedDataParallel, finalize_model_gr
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.rerun_state_machine import get_rerun_state_machine
 
 from megatron_harpe.arguments import HarpeArgumentError
 from megatron_harpe.cpu_compat import megatron_on_cpu
@@ -57,6 +58,8 @@ def _unsupported(args: argparse.Namespace, on_cpu: bool) -> list[str]:
     refuse(args.exit_duration_in_mins, "--exit-duration-in-mins", "use --exit-interval")
     refuse(args.train_iters is None, "--train-samples", "the compact engine counts iterations: give --train-iters")
     refuse(args.skip_train, "--skip-train", "the compact engine trains; evaluate with tools/eval_*.py")
+    refuse(args.full_validation or args.multiple_validation_sets, "--full-validation / --multiple-validation-sets",
+           "the compact engine evaluates --eval-iters batches of one validation set: use --harpe-engine megatron")
     refuse(args.ckpt_format not in ("torch_dist", "torch"), f"--ckpt-format {args.ckpt_format}",
            "use torch_dist (default) or torch")
     if on_cpu:
@@ -115,6 +118,27 @@ def _set_seed(args: argparse.Namespace) -> None:
     if not torch.cuda.is_available():
         tensor_parallel.model_parallel_cuda_manual_seed(
             args.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
+
+
+def _init_rerun_state_machine(args: argparse.Namespace) -> None:
+    """megatron.training's rerun state machine (``--rerun-mode``, ``--error-injection-*``), as ``initialize_megatron``."""
+    from megatron.core import tensor_parallel
+    from megatron.core.rerun_state_machine import (RerunDiagnostic, RerunErrorInjector, RerunMode,
+                                                   destroy_rerun_state_machine, initialize_rerun_state_machine)
+
+    def state_save_func():
+        return {"rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+    def state_restore_func(state_dict):
+        if state_dict["rng_tracker_states"]:
+            tensor_parallel.get_cuda_rng_tracker().set_states(state_dict["rng_tracker_states"])
+
+    destroy_rerun_state_machine()  # a process may train twice (tests); megatron's own is initialised once
+    initialize_rerun_state_machine(
+        state_save_func=state_save_func, state_restore_func=state_restore_func, mode=RerunMode(args.rerun_mode),
+        error_injector=RerunErrorInjector(error_injection_rate=args.error_injection_rate,
+                                          error_injection_type=RerunDiagnostic(args.error_injection_type)),
+        result_rejected_tracker_filename=args.result_rejected_tracker_filename)
 
 
 def _build(args: argparse.Namespace):
@@ -186,6 +210,7 @@ def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_te
     with megatron_on_cpu():
         _set_seed(args)
         set_global_variables(args, build_tokenizer=True)
+        _init_rerun_state_machine(args)
         model, optimizer, scheduler, config = _build(args)
         args.iteration, args.num_floating_point_operations_so_far = 0, 0
         if args.load is not None or args.pretrained_checkpoint is not None:
@@ -194,6 +219,8 @@ def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_te
                      f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, "
                      f"DP {args.data_parallel_size}) on {'CPU/gloo' if on_cpu else 'CUDA'}, starting at iteration "
                      f"{args.iteration}")
+        rerun_state_machine = get_rerun_state_machine()
+        rerun_state_machine.current_iteration = args.iteration  # as megatron's train() after a load
         train_iter, valid_iter, _ = build_train_valid_test_data_iterators(datasets_provider)
         if isinstance(valid_iter, list):  # TP ranks > 0 hold no iterator but take part through broadcasts
             valid_iter = valid_iter[0] if valid_iter else None
@@ -202,14 +229,24 @@ def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_te
         window_start, window_tokens = time.time(), 0
         saved_at = None
         while iteration < args.train_iters:
-            for chunk in model:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            losses = forward_backward(
-                forward_step_func=step_func, data_iterator=train_iter, model=model,
-                num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
-                micro_batch_size=args.micro_batch_size, decoder_seq_length=args.decoder_seq_length,
-                forward_only=False)
+            # megatron's train_step: the state machine re-runs a step whose result it rejected (--rerun-mode).
+            while rerun_state_machine.should_run_forward_backward(train_iter):
+                for chunk in model:
+                    chunk.zero_grad_buffer()
+                optimizer.zero_grad()
+                losses = forward_backward(
+                    forward_step_func=step_func, data_iterator=train_iter, model=model,
+                    num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
+                    micro_batch_size=args.micro_batch_size, decoder_seq_length=args.decoder_seq_length,
+                    forward_only=False)
+            should_checkpoint, should_exit, exit_code = rerun_state_machine.should_checkpoint_and_exit()
+            if should_exit:
+                if should_checkpoint and args.save:
+                    save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
+                                    checkpointing_context={})
+                print_rank_0(f"exiting at iteration {iteration} with exit status {exit_code}: the rerun state "
+                             "machine rejected a result (--rerun-mode)")
+                raise SystemExit(exit_code)
             update_ok, grad_norm, _ = optimizer.step()
             if update_ok:
                 scheduler.step(increment=args.global_batch_size)
@@ -218,8 +255,8 @@ def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_te
             args.consumed_train_samples += args.global_batch_size
             window_tokens += args.global_batch_size * args.seq_length
             reduced = _reduce_losses(losses) if parallel_state.is_pipeline_last_stage() else {}
-            if reduced and not all(math.isfinite(v) for v in reduced.values()):
-                raise FloatingPointError(f"iteration {iteration}: loss is {reduced}; lower --lr or check the data")
+            # A NaN/Inf loss already stopped the step in loss_func (megatron's rerun state machine), unless
+            # --no-check-for-nan-in-loss-and-grad asked to go on, as megatron.training does.
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 elapsed = time.time() - window_start
                 last = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
@@ -253,14 +290,23 @@ def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_te
 def evaluate(args, model, valid_iter, step_func, forward_backward, num_microbatches, iteration, metrics) -> None:
     from megatron.training.utils import print_rank_last
 
+    from megatron.core.rerun_state_machine import RerunMode
+
     for chunk in model:
         chunk.eval()
     totals = []
-    with torch.no_grad():
-        for _ in range(args.eval_iters):
-            totals += forward_backward(forward_step_func=step_func, data_iterator=valid_iter, model=model,
-                                       num_microbatches=num_microbatches, seq_length=args.seq_length,
-                                       micro_batch_size=args.micro_batch_size, forward_only=True)
+    # As megatron's evaluate: validation results are checked (NaN is fatal) but never re-run.
+    rerun_state_machine = get_rerun_state_machine()
+    rerun_mode = rerun_state_machine.get_mode()
+    rerun_state_machine.set_mode(RerunMode.DISABLED)
+    try:
+        with torch.no_grad():
+            for _ in range(args.eval_iters):
+                totals += forward_backward(forward_step_func=step_func, data_iterator=valid_iter, model=model,
+                                           num_microbatches=num_microbatches, seq_length=args.seq_length,
+                                           micro_batch_size=args.micro_batch_size, forward_only=True)
+    finally:
+        rerun_state_machine.set_mode(rerun_mode)
     for chunk in model:
         chunk.train()
     if parallel_state.is_pipeline_last_stage():

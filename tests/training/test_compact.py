@@ -1,6 +1,7 @@
 """The compact engine on the CPU through the real entry (examples/pretrain_tiny_harpe_cpu.sh -> pretrain_harpe.py).
 
-TP=2 and PP=2 runs whose loss falls; a run killed with SIGKILL and resumed from its torch_dist checkpoint
+TP=2 and PP=2 runs whose loss falls; CP=2 on a weighted two-prefix blend equal to CP=1; megatron's rerun state
+machine stopping a run on a rejected loss; a run killed with SIGKILL and resumed from its torch_dist checkpoint
 reproduces the uninterrupted run's losses exactly (hidden dropout on, so the RNG state must come back too);
 the checkpoint rebuilds a HarpeGPTModel with the bases it was trained with, at another TP size.
 """
@@ -63,16 +64,37 @@ def test_tp2_and_pp2_losses_fall(tmp_path):
 
 
 @pytest.mark.multirank
-def test_cp2_trains_exactly_like_one_rank(tmp_path):
-    """Megatron's CP batch slicing, HARPE positions on each CP rank and the CP loss reduction, end to end."""
-    quick = dict(TRAIN_ITERS="5", WARMUP_ITERS="2", EVAL_ITERS="0", SEQ_LENGTH="128")
-    one = launch(tmp_path / "cp1", NPROC="1", TP="1", **quick)
-    two = launch(tmp_path / "cp2", NPROC="2", TP="1", CP="2", **quick)
-    finish(one), finish(two)
-    cp1, cp2 = losses(tmp_path / "cp1"), losses(tmp_path / "cp2")
-    assert sorted(cp1) == sorted(cp2) == [1, 2, 3, 4, 5]
-    for i in cp1:
-        assert cp2[i] == pytest.approx(cp1[i], rel=1e-5, abs=0), (cp1, cp2)
+def test_cp2_trains_exactly_like_one_rank(tmp_path, two_indexed_datasets):
+    """Megatron's CP batch slicing, HARPE positions on each CP rank and the CP loss reduction, end to end, on a
+    weighted blend ``--data-path 0.6 A 0.4 B`` (BlendedDataset adds a 1-D dataset_id to every sample, which the
+    batch drops as pretrain_gpt.py does): CP 2 equals CP 1, and TP 2 x CP 2 equals TP 2 x CP 1."""
+    a, b, tokenizer = two_indexed_datasets
+    blend = dict(DATA_PATH=f"0.6 {a} 0.4 {b}", TOKENIZER_MODEL=tokenizer, SPLIT="90,10,0", TRAIN_ITERS="4",
+                 WARMUP_ITERS="1", EVAL_ITERS="1", EVAL_INTERVAL="4", SEQ_LENGTH="128")
+    runs = {}
+    for tp in (1, 2):  # two at a time on two cores
+        for cp in (1, 2):
+            runs[tp, cp] = launch(tmp_path / f"tp{tp}cp{cp}", NPROC=str(tp * cp), TP=str(tp), CP=str(cp), **blend)
+        for cp in (1, 2):
+            finish(runs[tp, cp])
+    for tp in (1, 2):
+        one, two = losses(tmp_path / f"tp{tp}cp1"), losses(tmp_path / f"tp{tp}cp2")
+        assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+        for i in one:
+            assert two[i] == pytest.approx(one[i], rel=1e-5, abs=0), (tp, one, two)
+
+
+def test_rerun_state_machine_checks_the_loss(tmp_path):
+    """megatron's --rerun-mode validate_results (the default) in the compact loop: an injected reproducible error
+    is re-run in place, then the run saves a checkpoint at the last good iteration and exits 16 (megatron's
+    EXIT_CODE_RESUME_TO_DISAMBIGUATE), as megatron.training does."""
+    proc = launch(tmp_path / "run", NPROC="1", TP="1", LAUNCHER="python", TRAIN_ITERS="4", WARMUP_ITERS="1",
+                  EVAL_ITERS="0", EXTRA_ARGS="--error-injection-rate 1 --error-injection-type persistent_error")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 16, out[-3000:]
+    assert "Need to rerun step to check reproducibility" in out and "Saving a checkpoint and exiting now" in out
+    done = max(losses(tmp_path / "run"))
+    assert (tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == str(done)
 
 
 def test_refuses_to_overwrite_without_force(tmp_path):
@@ -124,6 +146,15 @@ def test_checkpoint_loads_into_harpe_model_with_its_bases(tmp_path, megatron_sin
     expected = select_bases(2, "peak_valley", 1e4, 1e6, head_dim=16, target_length=256, stride=1e4)
     assert load_checkpoint_args(str(ckpt)).harpe_bases == expected
 
+    # --use-checkpoint-args fills the shape from the checkpoint (megatron's load_args_from_checkpoint), and the bases
+    from megatron_harpe.training.entry import parse_and_validate
+
+    resumed = parse_and_validate(["--use-checkpoint-args", "--load", str(ckpt), "--micro-batch-size", "1",
+                                  "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--tokenizer-type",
+                                  "NullTokenizer", "--vocab-size", "255"])
+    assert (resumed.num_layers, resumed.hidden_size, resumed.num_query_groups) == (2, 64, 2)
+    assert resumed.harpe_bases == expected
+
     model, args = load_model(str(ckpt))  # saved at TP=2, loaded at TP=1 (torch_dist reshards)
     assert isinstance(model, HarpeGPTModel) and model.harpe_bases == expected
     inv_freq = model.rotary_pos_emb.inv_freq
@@ -144,9 +175,24 @@ def test_checkpoint_loads_into_harpe_model_with_its_bases(tmp_path, megatron_sin
     assert loss < 0.75 * math.log(args.padded_vocab_size), loss
 
 
+def _have_te():
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    return HAVE_TE
+
+
+LOCAL_ON_GPU = "--transformer-impl local --no-rope-fusion --no-gradient-accumulation-fusion --no-persist-layer-norm"
+
+
 @pytest.mark.gpu
-def test_megatron_engine_on_one_gpu(tmp_path):
-    """megatron.training.pretrain with the Transformer Engine spec: the same entry and flags on a GPU."""
+@pytest.mark.parametrize("spec, flags", [
+    pytest.param("transformer_engine", "--transformer-impl transformer_engine",
+                 marks=pytest.mark.skipif(not _have_te(), reason="needs Transformer Engine")),
+    ("local", LOCAL_ON_GPU),
+])
+def test_megatron_engine_on_one_gpu(tmp_path, spec, flags):
+    """megatron.training.pretrain, the same entry and flags on a GPU: the spec it says it built, the Triton kernel."""
     out = finish(launch(tmp_path / "gpu", NPROC="1", TP="1", TRAIN_ITERS="3", EVAL_ITERS="0",
-                        EXTRA_ARGS="--harpe-engine megatron --transformer-impl transformer_engine --bf16"))
+                        EXTRA_ARGS=f"--harpe-engine megatron {flags} --bf16"))
     assert "iteration        3/       3" in out and "HARPE bases (2" in out
+    assert f"layer spec: {spec} " in out and "HARPE RoPE kernel: triton" in out
