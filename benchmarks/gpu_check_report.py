@@ -1,19 +1,31 @@
 #!/usr/bin/env python
-"""The two Python halves of ``benchmarks/gpu_check.sh``: the environment header and the final table.
+r"""The two Python halves of ``benchmarks/gpu_check.sh``: the environment header and the final table.
 
     python benchmarks/gpu_check_report.py env            # GPU, torch, TE, megatron-core; exit 2 without CUDA
     python benchmarks/gpu_check_report.py table OUTDIR   # OUTDIR/steps.tsv + the step logs -> one table
 
 ``gpu_check.sh`` appends one line per step to ``OUTDIR/steps.tsv`` (tab-separated: kind, name, exit status,
-seconds, time limit, log file, artifact file; exit status -1: the step did not run, -2: Ctrl-C stopped it) and
-keeps each step's full output in its log. ``table`` turns every step into one or more rows (check | status |
-key numbers | seconds | log), prints them as a Markdown table, writes ``summary.md`` and ``summary.json`` beside
-the logs and exits 1 if any row failed. Only the standard library is imported here, so the table comes out
-whatever broke.
+seconds, time limit, log file, artifact file, expectations; exit status -1: the step did not run, -2: Ctrl-C
+stopped it; expectations: ``key=value,...`` the log must bear out, e.g. ``spec=local,kernel=triton``) and keeps
+each step's full output in its log. ``table`` turns every step into one or more rows (check | status | key numbers
+| seconds | log), prints them as a Markdown table, writes ``summary.md`` and ``summary.json`` beside the logs and
+exits 1 if any row failed. Only the standard library is imported here, so the table comes out whatever broke.
 
 The log formats parsed are megatron-core 0.19's (``megatron/training/training.py`` ``training_log``,
-``megatron/training/utils/common_utils.py`` ``report_memory``, ``theoretical_memory_usage.py``) and pytest's
-summary line.
+``megatron/training/utils/common_utils.py`` ``report_memory``, ``theoretical_memory_usage.py``), pytest's
+summary line and its ``-rA`` outcome lines (``PASSED tests/x.py::test``), and two lines ``pretrain_harpe.py``
+prints once (rank 0): the layer spec when it builds the model (``megatron_harpe/training/model_provider.py``) and
+the HARPE RoPE kernel at its first call (``megatron_harpe/kernels/__init__.py``), each at the start of a line
+(after torchrun's ``[rankN]: `` where it adds one):
+
+    layer spec: <spec> (free text)      <spec>: transformer_engine | local; SPEC_LINE, ^layer spec: (\S+)
+    HARPE RoPE kernel: <kernel> (...)   <kernel>: triton | torch | unfused; KERNEL_LINE,
+                                        ^HARPE RoPE kernel: ([\w.-]+) (a quoted mention inside a line is not
+                                        one); only HARPE runs print it (a standard-RoPE run prints no such line,
+                                        or the kernel 'none')
+
+A pretrain row fails if its expected spec (``spec=``) or kernel (``kernel=``; ``none`` for standard RoPE) is not
+what the log says, or the line is missing from a run that finished.
 """
 
 from __future__ import annotations
@@ -74,12 +86,14 @@ def environment() -> tuple[dict, bool]:
 
             te = getattr(transformer_engine, "__version__", "installed (version unknown)")
         except Exception:
-            te = "not installed (TE rows will fail or read n/a)"
+            te = "not installed (local layer spec; the TE RoPE baseline is skipped)"
     info["transformer-engine"] = te
     info["megatron-core"] = _version("megatron-core", "megatron_core") or "not installed"
     for name, dists in (("triton", ("triton", "pytorch-triton")), ("flash-attn", ("flash_attn", "flash-attn")),
-                        ("apex", ("apex",))):
+                        ("liger-kernel", ("liger_kernel", "liger-kernel")), ("nltk", ("nltk",)), ("apex", ("apex",))):
         info[name] = _version(*dists) or "not installed"
+    if os.environ.get("PYTHONPATH"):
+        info["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return info, cuda
 
 
@@ -117,6 +131,15 @@ PYTEST_SUMMARY = re.compile(r"^=*\s*((?:\d+ [a-z]+(?:, )?)+) in [0-9.]+s")
 # or HARPE error ('pretrain_harpe.py: error: ...'), or pytest's 'FAILED tests/x.py::test - ...'
 EXCEPTION_LINE = re.compile(r"^(\[rank\d+\]:\s*)?([\w.]*(Error|Exception|Interrupt)\b:?|\S+: error: |FAILED )")
 ERROR_WORD = re.compile(r"\berror\b|\bKilled\b|out of memory", re.IGNORECASE)
+# pytest -rA: 'PASSED tests/x.py::test[param]', 'FAILED tests/x.py::test - why', 'ERROR tests/x.py::test - why'
+PYTEST_OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR|XPASS|XFAIL) (\S+)(?: - (.*))?$")
+PYTEST_SKIPPED = re.compile(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$")
+# The gpu test of the Triton kernel's 64-bit offsets (a fused-QKV-sized view past 2^31 elements): a test in
+# tests/kernels whose name says so.
+OFFSET64_TEST = re.compile(r"^tests/kernels/[^:\s]+::\S*?(64|offset|overflow|2_?31|large|huge)", re.IGNORECASE)
+# What pretrain_harpe.py says it built (see the module docstring).
+SPEC_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?layer spec: (\S+)", re.MULTILINE)
+KERNEL_LINE = re.compile(r"^(?:\[rank\d+\]:\s*)?HARPE RoPE kernel: ([\w.-]+)", re.MULTILINE)
 NOT_A_CAUSE = ("ChildFailedError", "warnings.warn", "Warning:")
 
 MEDIAN_FROM = 6  # iterations 1..5 include start-up, Triton/cuDNN compilation and allocator warm-up
@@ -145,6 +168,21 @@ def parse_pytest(text: str) -> Optional[dict[str, int]]:
                 word = {"error": "errors", "warning": "warnings"}.get(word, word)
                 counts[word] = counts.get(word, 0) + int(number)
     return counts
+
+
+def parse_pytest_outcomes(text: str) -> dict[str, tuple[str, str]]:
+    """``{node id: (outcome, why)}`` from pytest's ``-rA`` short summary (PASSED, FAILED, ERROR, XPASS, XFAIL)."""
+    outcomes = {}
+    for line in text.splitlines():
+        m = PYTEST_OUTCOME.match(line.strip())
+        if m:
+            outcomes[m.group(2)] = (m.group(1), m.group(3) or "")
+    return outcomes
+
+
+def parse_announcements(text: str) -> dict[str, list[str]]:
+    """The values of every ``layer spec:`` and ``HARPE RoPE kernel:`` line, in order."""
+    return {"spec": SPEC_LINE.findall(text), "kernel": KERNEL_LINE.findall(text)}
 
 
 def _float(text: str) -> float:
@@ -207,6 +245,12 @@ class Step:
     limit: int
     log: str
     artifact: str = ""
+    expect: str = ""
+
+    def expectations(self) -> dict[str, str]:
+        """``spec=local,kernel=triton`` -> {'spec': 'local', 'kernel': 'triton'}."""
+        pairs = (item.partition("=") for item in self.expect.split(",") if item.strip())
+        return {key.strip(): value.strip() for key, _, value in pairs}
 
     def read_log(self, outdir: str) -> str:
         try:
@@ -246,7 +290,8 @@ def read_steps(outdir: str) -> list[Step]:
             if len(parts) < 6:
                 continue
             kind, name, rc, seconds, limit, log, *rest = parts
-            steps.append(Step(kind, name, int(rc), int(seconds), int(limit), log, rest[0] if rest else ""))
+            steps.append(Step(kind, name, int(rc), int(seconds), int(limit), log, rest[0] if rest else "",
+                              rest[1] if len(rest) > 1 else ""))
     return steps
 
 
@@ -257,9 +302,31 @@ def _skipped(step: Step) -> Optional[Row]:
 
 
 def rows_pytest(step: Step, outdir: str, context: dict) -> list[Row]:
+    """The summary of ``pytest -m gpu`` and a row for the Triton kernel's 64-bit-offset test (OFFSET64_TEST)."""
     if (row := _skipped(step)) is not None:
-        return [row]
+        return [row, Row("rope kernel 64-bit offsets (pytest)", "SKIP", "not run (interrupted)", None, step.log)]
     text = step.read_log(outdir)
+    return _rows_pytest_summary(step, text) + [_row_offset64(step, text)]
+
+
+def _row_offset64(step: Step, text: str) -> Row:
+    name = "rope kernel 64-bit offsets (pytest)"
+    tests = {node: outcome for node, outcome in parse_pytest_outcomes(text).items() if OFFSET64_TEST.match(node)}
+    if not tests:
+        skipped = [f"{m.group(1)}: {m.group(2)}" for m in map(PYTEST_SKIPPED.match, map(str.strip, text.splitlines()))
+                   if m and m.group(1).startswith("tests/kernels/")]
+        why = f"; skipped in tests/kernels: {'; '.join(skipped)[:200]}" if skipped else ""
+        return Row(name, "FAIL", "no gpu test of the kernel's 64-bit offsets ran (a test in tests/kernels named "
+                   f"*64*/*offset*/*overflow*/*2_31*/*large*){why}", None, step.log)
+    bad = {node: outcome for node, outcome in tests.items() if outcome[0] not in ("PASSED", "XFAIL")}
+    if bad:
+        return Row(name, "FAIL", "; ".join(f"{outcome} {node}{' - ' + why if why else ''}"[:200]
+                                           for node, (outcome, why) in bad.items()), None, step.log)
+    return Row(name, "PASS", "passed: " + ", ".join(node.split("::", 1)[1] for node in tests), None, step.log,
+               {"tests": sorted(tests)})
+
+
+def _rows_pytest_summary(step: Step, text: str) -> list[Row]:
     counts = parse_pytest(text) or {}
     summary = ", ".join(f"{counts.get(k, 0)} {k}" for k in ("passed", "failed", "errors", "skipped"))
     if step.rc != 0 and not (counts.get("failed", 0) or counts.get("errors", 0)) or not counts:
@@ -275,8 +342,56 @@ def rows_pytest(step: Step, outdir: str, context: dict) -> list[Row]:
 ROPE_TIME_TARGET, ROPE_BANDWIDTH_TARGET = 1.10, 0.70  # issue 3: <= 1.10x TE fused RoPE, >= 70 % of peak bandwidth
 
 
+def _ratio_text(label: str, ratio: Optional[float], target: Optional[float] = None) -> str:
+    if target is None:
+        return f"{label} {ratio:.2f}x"
+    return f"{label} {ratio:.2f}x ({'met' if ratio <= target else 'MISSED'} <= {target:.2f})"
+
+
+def _rows_kernel_check(r: dict, log: str) -> list[Row]:
+    check = r.get("check triton/torch")
+    if check is None:
+        return []
+    errors = ", ".join(f"{k} {v:.1e}" for k, v in check["errors"].items())
+    ok = check["ok"] and all(math.isfinite(v) for v in check["errors"].values())
+    return [Row(f"rope kernel s={r['seq']} {r['dtype']}: Triton vs torch", "PASS" if ok else "FAIL",
+                f"max error / max input: {errors} ({'within' if ok else 'OVER'} {check['tolerance']:.1e})",
+                None, log, check)]
+
+
+def _row_rope_timing(r: dict, log: str) -> Row:
+    parts, problems = [], []
+    te, liger = r.get("time harpe/TE"), r.get("time harpe/liger")
+    if te is not None:
+        parts.append(_ratio_text("fwd+bwd HARPE/TE fused", te, ROPE_TIME_TARGET))
+    if liger is not None:
+        parts.append(_ratio_text("HARPE/Liger", liger, ROPE_TIME_TARGET))
+        check = r.get("check liger/std")
+        if check is not None and not (check["ok"] and all(math.isfinite(v) for v in check["errors"].values())):
+            worst = max(check["errors"].values(), key=lambda v: v if math.isfinite(v) else math.inf)
+            problems.append(f"Liger's RoPE differs from megatron's standard RoPE (max error / max input {worst:.1e} > "
+                            f"{check['tolerance']:.1e}): its time is not of the same operation")
+    parts.append(_ratio_text("HARPE/unfused std", r["time harpe/std"]))
+    parts.append(f"saved bytes HARPE/std {r['saved harpe/std']:.3f}")
+    bandwidth = f"{r['GB/s']:.0f} GB/s"
+    if r.get("of peak") is not None:
+        met = "met" if r["of peak"] >= ROPE_BANDWIDTH_TARGET else "MISSED"
+        bandwidth += f" = {r['of peak']:.0%} of peak ({met} >= {ROPE_BANDWIDTH_TARGET:.0%})"
+    parts.append(bandwidth)
+    ms = r.get("ms") or {}
+    names = (("harpe", "HARPE"), ("liger_standard", "Liger"), ("te_fused_standard", "TE"), ("standard", "std"))
+    if "harpe" in ms:
+        parts.append("ms: " + ", ".join(f"{label} {ms[key]:.2f}" for key, label in names if key in ms))
+    return Row(f"rope s={r['seq']} {r['dtype']}", "FAIL" if problems else "PASS", "; ".join(problems + parts),
+               None, log, r)
+
+
+BASELINE_NAMES = {"te_fused_standard": "rope baseline: TE fused RoPE", "liger_standard": "rope baseline: Liger RoPE"}
+
+
 def rows_rope(step: Step, outdir: str, context: dict) -> list[Row]:
-    """One row per (sequence length, dtype) of benchmarks/rope.py --json, and one for its model step."""
+    """benchmarks/rope.py --json: per (sequence length, dtype) the Triton-vs-torch kernel check (with
+    --check-kernels) and the timings; a SKIP row per baseline that could not run; the model step."""
     if (row := _skipped(step)) is not None:
         return [row]
     text = step.read_log(outdir)
@@ -288,29 +403,17 @@ def rows_rope(step: Step, outdir: str, context: dict) -> list[Row]:
                     step.seconds, step.log)]
     rows = []
     for r in result.get("rows", []):
-        parts = []
-        te = r.get("time harpe/TE")
-        if te is None:
-            parts.append("fwd+bwd HARPE/TE fused n/a (no TE)")
-        else:
-            parts.append(f"fwd+bwd HARPE/TE fused {te:.2f}x ({'met' if te <= ROPE_TIME_TARGET else 'MISSED'} "
-                         f"<= {ROPE_TIME_TARGET:.2f})")
-        parts.append(f"HARPE/unfused std {r['time harpe/std']:.2f}x")
-        parts.append(f"saved bytes HARPE/std {r['saved harpe/std']:.3f}")
-        bandwidth = f"{r['GB/s']:.0f} GB/s"
-        if r.get("of peak") is not None:
-            met = "met" if r["of peak"] >= ROPE_BANDWIDTH_TARGET else "MISSED"
-            bandwidth += f" = {r['of peak']:.0%} of peak ({met} >= {ROPE_BANDWIDTH_TARGET:.0%})"
-        parts.append(bandwidth)
-        ms = r.get("ms") or {}
-        if "te_fused_standard" in ms:
-            parts.append(f"HARPE {ms['harpe']:.2f} ms, TE {ms['te_fused_standard']:.2f} ms")
-        rows.append(Row(f"rope s={r['seq']} {r['dtype']}", "PASS", "; ".join(parts), None, step.log, r))
+        rows.extend(_rows_kernel_check(r, step.log))
+        rows.append(_row_rope_timing(r, step.log))
+    for name, why in (result.get("missing") or {}).items():
+        rows.append(Row(BASELINE_NAMES.get(name, f"rope baseline: {name}"), "SKIP", f"not measured: {why}", None,
+                        step.log))
     model = result.get("model_step")
     if model is not None:
         sec = model["seconds"]
+        spec = f", {model['impl']} spec" if model.get("impl") else ""
         rows.append(Row("rope model step", "PASS", f"HarpeGPTModel/GPTModel {model['ratio']:.3f} "
-                        f"({sec['harpe'] * 1e3:.0f} vs {sec['standard'] * 1e3:.0f} ms; 4 layers, seq 1024)",
+                        f"({sec['harpe'] * 1e3:.0f} vs {sec['standard'] * 1e3:.0f} ms; 4 layers, seq 1024{spec})",
                         None, step.log, model))
     if step.rc != 0:
         measured = f" (after {len(rows)} rows above)" if rows else ""
@@ -343,25 +446,65 @@ def rows_pretrain(step: Step, outdir: str, context: dict) -> list[Row]:
     first, last = run["loss_first"], run["loss_last"]
     if first is not None and last is not None:
         numbers.append(f"loss {first:.3f} @1 -> {last:.3f} @{run['last_iteration']}")
+    # What the run says it built: the layer spec and (HARPE runs) the RoPE kernel, first among the numbers.
+    said = parse_announcements(text)
+    run["spec"], run["kernel"] = said["spec"], said["kernel"]
+    if said["kernel"]:
+        numbers.insert(0, f"HARPE kernel {'/'.join(dict.fromkeys(said['kernel']))}")
+    if said["spec"]:
+        numbers.insert(0, f"spec {'/'.join(dict.fromkeys(said['spec']))}")
     problems = []
     if step.rc != 0:
         where = f" at iteration {run['last_iteration']}/{run['train_iters']}" if run["iterations"] else ""
         problems.append(step.failure(text) + where)
-    elif not run["iterations"]:
-        problems.append("no iteration logged")
-    else:
-        if run["last_iteration"] != run["train_iters"]:
-            problems.append(f"stopped at iteration {run['last_iteration']}/{run['train_iters']}")
-        if first is None or last is None or not (math.isfinite(first) and math.isfinite(last)):
-            problems.append("loss missing or not finite")
-        elif not last < first:
-            problems.append("loss did not fall")
-        if run["peak_allocated_mib"] is None:
-            problems.append("no memory report")
+    problems.extend(_announcement_problems(step.expectations(), said, finished=step.rc == 0))
+    if step.rc == 0:
+        problems.extend(_finished_run_problems(run))
     status = "FAIL" if problems else "PASS"
     text_out = "; ".join(problems + numbers) if problems else "; ".join(numbers)
     data = {k: v for k, v in run.items() if k != "iterations"}
     return [Row(step.name, status, text_out, step.seconds, step.log, data)]
+
+
+def _finished_run_problems(run: dict) -> list[str]:
+    """What is wrong with a run that exited 0: no iterations, stopped early, loss not falling, no memory report."""
+    if not run["iterations"]:
+        return ["no iteration logged"]
+    problems = []
+    first, last = run["loss_first"], run["loss_last"]
+    if run["last_iteration"] != run["train_iters"]:
+        problems.append(f"stopped at iteration {run['last_iteration']}/{run['train_iters']}")
+    if first is None or last is None or not (math.isfinite(first) and math.isfinite(last)):
+        problems.append("loss missing or not finite")
+    elif not last < first:
+        problems.append("loss did not fall")
+    if run["peak_allocated_mib"] is None:
+        problems.append("no memory report")
+    return problems
+
+
+def _announcement_problems(expect: dict[str, str], said: dict[str, list[str]], finished: bool) -> list[str]:
+    """What the log's 'layer spec:' / 'HARPE RoPE kernel:' lines contradict in the expectations (see the docstring)."""
+    problems = []
+    spec = expect.get("spec")
+    if spec:
+        found = set(said["spec"])
+        if found and found != {spec}:
+            problems.append(f"layer spec {'/'.join(sorted(found))} ran, expected {spec}")
+        elif not found and finished:
+            problems.append(f"no 'layer spec: ...' line in the log (expected {spec})")
+    kernel = expect.get("kernel")
+    if kernel == "none":
+        found = set(said["kernel"]) - {"none"}
+        if found:
+            problems.append(f"HARPE RoPE kernel {'/'.join(sorted(found))} in a standard-RoPE run")
+    elif kernel:
+        found = set(said["kernel"])
+        if found and found != {kernel}:
+            problems.append(f"HARPE RoPE kernel {'/'.join(sorted(found))} ran, expected {kernel}")
+        elif not found and finished:
+            problems.append(f"no 'HARPE RoPE kernel: ...' line in the log (expected {kernel})")
+    return problems
 
 
 def rows_pretrain_comparison(context: dict) -> list[Row]:

@@ -6,6 +6,46 @@
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+# Transformer Engine's flash attention backend needs the flash-attn package: FA2 (flash_attn) or FA3
+# (flash_attn_interface, flash_attn_3). One probe, shared with benchmarks/gpu_check.sh: is one of them installed
+# for the python that will run (found on its path; nothing is imported)?
+HARPE_FLASH_ATTN_PROBE="import importlib.util as u, sys
+sys.exit(not any(u.find_spec(m) for m in ('flash_attn', 'flash_attn_interface', 'flash_attn_3')))"
+harpe_flash_attn_usable() {
+  "${1:-python}" -c "$HARPE_FLASH_ATTN_PROBE" > /dev/null 2>&1
+}
+
+# The python the launch will run: torchrun's interpreter (its #! line) with LAUNCHER=torchrun, else PYTHON.
+harpe_runtime_python() {
+  local launcher=${LAUNCHER:-torchrun} path line
+  if [[ $launcher == torchrun ]] && path=$(command -v "${TORCHRUN:-torchrun}" 2>/dev/null) && [[ -f $path ]]; then
+    IFS= read -r line < "$path" || true
+    if [[ $line =~ ^\#\!([^[:space:]]*python[^[:space:]]*)$ ]]; then echo "${BASH_REMATCH[1]}"; return; fi
+  fi
+  echo "${PYTHON:-python}"
+}
+
+# harpe_attention_backend [PYTHON]: the --attention-backend value. ATTENTION_BACKEND wins (Megatron's choices);
+# else flash where the probe finds flash-attn for PYTHON (default: harpe_runtime_python), else auto (Transformer
+# Engine picks) with one warning line on stderr.
+harpe_attention_backend() {
+  local py=${1:-$(harpe_runtime_python)}
+  if [[ -n ${ATTENTION_BACKEND:-} ]]; then
+    case $ATTENTION_BACKEND in
+      flash|fused|unfused|local|auto) echo "$ATTENTION_BACKEND"; return 0 ;;
+      *) echo "error: ATTENTION_BACKEND=$ATTENTION_BACKEND: choose flash, fused, unfused, local or auto" >&2
+         return 2 ;;
+    esac
+  fi
+  if harpe_flash_attn_usable "$py"; then
+    echo flash
+  else
+    echo "warning: flash-attn is not installed for $py: --attention-backend auto (Transformer Engine picks;" \
+         "ATTENTION_BACKEND=flash forces flash)" >&2
+    echo auto
+  fi
+}
+
 # Llama-2 (Touvron et al. 2023). 70B uses GQA with 8 query groups: one HARPE base per group.
 llama2_shape_args() {
   case $1 in
@@ -84,7 +124,9 @@ harpe_megatron_args() {
           --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
           --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist --save "$SAVE" --load "$SAVE" )
   if [[ $MODEL != tiny ]]; then
-    ARGS+=( --bf16 --transformer-impl transformer_engine --attention-backend flash --use-distributed-optimizer
+    local backend
+    backend=$(harpe_attention_backend) || return
+    ARGS+=( --bf16 --transformer-impl transformer_engine --attention-backend "$backend" --use-distributed-optimizer
             --overlap-grad-reduce --overlap-param-gather --distributed-timeout-minutes 60 )
     if (( TP > 1 )); then ARGS+=( --sequence-parallel ); fi
     case $RECOMPUTE in

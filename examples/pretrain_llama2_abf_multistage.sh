@@ -10,6 +10,8 @@ run=${RUN_NAME:-llama2-${MODEL}-abf-multistage}
 root=${SAVE:-checkpoints/$run}
 stage_tokens=${STAGE_TOKENS:-2000000000}
 previous=${LOAD:-}
+# Probed once for the three stages (one warning where flash-attn is missing); ATTENTION_BACKEND still wins.
+if [[ $MODEL != tiny ]]; then ATTENTION_BACKEND=$(harpe_attention_backend); fi
 stage=0
 for spec in "1000000 32768" "2000000 65536" "5000000 131072"; do
   stage=$((stage + 1))

@@ -35,4 +35,4 @@ SAVE=$out/checkpoints MASTER_PORT=${MASTER_PORT:-$(( 20000 + RANDOM % 20000 ))}
 ROPE_ARGS=( --position-embedding-type rope --harpe-strategy peak_valley --harpe-base-min 1e4 --harpe-base-max 1e6
             --harpe-stride 1e4 --harpe-engine compact --harpe-metrics-file "$out/metrics.jsonl" )
 harpe_launch "${dry[@]}"
-[[ ${#dry[@]} == 0 ]] && echo "checkpoints: $SAVE  metrics: $out/metrics.jsonl"
+if [[ ${#dry[@]} == 0 ]]; then echo "checkpoints: $SAVE  metrics: $out/metrics.jsonl"; fi   # --dry-run exits 0

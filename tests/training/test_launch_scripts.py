@@ -13,11 +13,18 @@ PAPER_TOKENS_PER_STEP = 4 * 1024 * 1024
 PAPER_TOKENS = 6e9
 
 
-def dry_run(script, **env):
+def run_dry(script, **env):
+    """The script's --dry-run; ATTENTION_BACKEND=flash unless given (the probe's answer depends on the machine)."""
     full_env = dict(os.environ, DATA_PATH="data/mixture", TOKENIZER_MODEL="llama2/tokenizer.model",
-                    LOAD="checkpoints/llama2-7b-megatron", **env)
-    proc = subprocess.run([os.path.join(REPO, "examples", script), "--dry-run"], capture_output=True, text=True,
+                    LOAD="checkpoints/llama2-7b-megatron", ATTENTION_BACKEND="flash")
+    full_env.update(env)
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
+    return subprocess.run([os.path.join(REPO, "examples", script), "--dry-run"], capture_output=True, text=True,
                           env=full_env, timeout=60)
+
+
+def dry_run(script, **env):
+    proc = run_dry(script, **env)
     assert proc.returncode == 0, proc.stderr
     commands = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
     assert commands, proc.stdout
@@ -43,7 +50,7 @@ def check_paper_recipe(args, world, seq_length=131072):
     assert (args.adam_beta1, args.adam_beta2, args.optimizer) == (0.9, 0.95, "adam")
     assert args.global_batch_size * args.seq_length == PAPER_TOKENS_PER_STEP
     assert 0 <= args.train_iters * PAPER_TOKENS_PER_STEP - PAPER_TOKENS < PAPER_TOKENS_PER_STEP
-    assert args.bf16 and args.transformer_impl == "transformer_engine"
+    assert args.bf16 and args.transformer_impl == "transformer_engine" and args.attention_backend.name == "flash"
     assert args.normalization == "RMSNorm" and args.swiglu and not args.add_bias_linear
     assert args.untie_embeddings_and_output_weights and args.ckpt_format == "torch_dist"
     assert world % (args.tensor_model_parallel_size * args.pipeline_model_parallel_size
@@ -145,3 +152,102 @@ def test_slurm_wrapper_runs_the_chosen_script():
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "srun" in sbatch and "NODE_RANK" in sbatch and "MASTER_ADDR" in sbatch
+
+
+# --- --attention-backend: flash where flash-attn is installed for the python that runs, else auto ----------------
+
+def fake_python(tmp_path, name, has_flash):
+    """A python whose flash-attn probe (examples/llama2_common.sh's) answers ``has_flash``; it records each call."""
+    fake = tmp_path / name
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {tmp_path / (name + '.calls')}
+[[ "$*" == *flash_attn_interface* ]] && exit {0 if has_flash else 1}
+exit 7
+""")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+def backend(command):
+    return command[command.index("--attention-backend") + 1]
+
+
+def warnings_of(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+
+
+def test_without_flash_attn_the_backend_is_auto_with_one_warning(tmp_path):
+    python = fake_python(tmp_path, "python", has_flash=False)
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN="no-such-torchrun")
+    assert proc.returncode == 0, proc.stderr
+    (command,) = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
+    assert backend(command) == "auto"
+    (warning,) = warnings_of(proc)
+    assert "flash-attn is not installed for " + python in warning and "--attention-backend auto" in warning
+    assert (tmp_path / "python.calls").read_text().count("flash_attn_interface") == 1  # one probe
+
+
+def test_with_flash_attn_the_backend_is_flash_without_a_warning(tmp_path):
+    python = fake_python(tmp_path, "python", has_flash=True)
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN="no-such-torchrun")
+    assert proc.returncode == 0, proc.stderr
+    assert backend(shlex.split(proc.stdout.splitlines()[-1])) == "flash" and warnings_of(proc) == []
+
+
+def test_the_probe_asks_the_python_torchrun_runs(tmp_path):
+    """PYTHON has no flash-attn but the interpreter on torchrun's #! line has: that one decides."""
+    runs = fake_python(tmp_path, "torchrun-python", has_flash=True)
+    torchrun = tmp_path / "torchrun"
+    torchrun.write_text(f"#!{runs}\n# torchrun stand-in\n")
+    torchrun.chmod(0o755)
+    python = fake_python(tmp_path, "python", has_flash=False)
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN=str(torchrun))
+    assert proc.returncode == 0, proc.stderr
+    assert backend(shlex.split(proc.stdout.splitlines()[-1])) == "flash" and warnings_of(proc) == []
+    assert not (tmp_path / "python.calls").exists()
+    # LAUNCHER=python runs PYTHON itself: its answer
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN=str(torchrun),
+                   LAUNCHER="python")
+    assert backend(shlex.split(proc.stdout.splitlines()[-1])) == "auto" and len(warnings_of(proc)) == 1
+
+
+@pytest.mark.parametrize("setting", ["flash", "fused", "unfused", "auto"])
+def test_attention_backend_setting_wins_over_the_probe(tmp_path, setting, monkeypatch):
+    python = fake_python(tmp_path, "python", has_flash=False)
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=setting, TORCHRUN="no-such-torchrun")
+    assert proc.returncode == 0, proc.stderr
+    (command,) = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
+    assert backend(command) == setting and warnings_of(proc) == []
+    assert not (tmp_path / "python.calls").exists()  # not even probed
+    args, _ = parsed(command, monkeypatch)
+    assert args.attention_backend.name == setting
+
+
+def test_a_bad_attention_backend_is_refused():
+    proc = run_dry("pretrain_llama2_harpe.sh", ATTENTION_BACKEND="fastest")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert "ATTENTION_BACKEND=fastest: choose flash, fused, unfused, local or auto" in proc.stderr
+
+
+def test_multistage_probes_once_for_its_three_stages(tmp_path):
+    python = fake_python(tmp_path, "python", has_flash=False)
+    proc = run_dry("pretrain_llama2_abf_multistage.sh", PYTHON=python, ATTENTION_BACKEND=None,
+                   TORCHRUN="no-such-torchrun")
+    assert proc.returncode == 0, proc.stderr
+    commands = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
+    assert [backend(c) for c in commands] == ["auto"] * 3 and len(warnings_of(proc)) == 1
+
+
+def test_the_tiny_cpu_model_passes_no_attention_backend(tmp_path):
+    python = fake_python(tmp_path, "python", has_flash=False)
+    proc = run_dry("pretrain_tiny_harpe_cpu.sh", PYTHON=python, ATTENTION_BACKEND=None, DATA_PATH=None,
+                   TOKENIZER_MODEL=None, LOAD=None)
+    assert proc.returncode == 0, proc.stderr
+    assert "--attention-backend" not in proc.stdout and warnings_of(proc) == []
+
+
+def test_gpu_check_uses_the_same_probe():
+    with open(os.path.join(REPO, "benchmarks", "gpu_check.sh")) as f:
+        gpu_check = f.read()
+    assert 'source "$REPO/examples/llama2_common.sh"' in gpu_check
+    assert "harpe_attention_backend" in gpu_check and "flash_attn_interface" not in gpu_check
