@@ -36,7 +36,8 @@ from megatron_harpe.self_attention import HarpeSelfAttention, check_rope_impl
 IMPLS = ("auto", "te", "local")
 
 
-def _have_te() -> bool:
+def have_te() -> bool:
+    """Transformer Engine importable (read at call time: tests may patch megatron's flag)."""
     from megatron.core.extensions.transformer_engine import HAVE_TE
 
     return HAVE_TE
@@ -47,8 +48,8 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"unknown layer implementation {impl!r}: choose one of {', '.join(IMPLS)}")
     if impl == "auto":
-        return "te" if _have_te() and torch.cuda.is_available() else "local"
-    if impl == "te" and not _have_te():
+        return "te" if have_te() and torch.cuda.is_available() else "local"
+    if impl == "te" and not have_te():
         raise ValueError("impl='te' needs Transformer Engine, which is not installed: use impl='local' "
                          "(CPU-capable) or run in NVIDIA's PyTorch container")
     return impl

@@ -17,6 +17,7 @@ import torch
 from megatron.core import dist_checkpointing, parallel_state
 
 from megatron_harpe.cpu_compat import megatron_on_cpu
+from megatron_harpe.model import have_te
 from megatron_harpe.training.model_provider import build_model
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -93,11 +94,8 @@ def load_model(root: str, iteration: Optional[int] = None, *, rope_impl: Optiona
         from megatron_harpe.training.compact import prepare_args_for_cpu
 
         prepare_args_for_cpu(args)
-    else:
-        from megatron.core.extensions.transformer_engine import HAVE_TE
-
-        if not HAVE_TE:  # reading weights, not training: the local spec has the same parameters and keys
-            args.transformer_impl = "local"
+    elif not have_te():  # reading weights, not training: the local spec has the same parameters and keys
+        args.transformer_impl = "local"
     args.bf16 = args.fp16 = False
     args.params_dtype = torch.float32
     with megatron_on_cpu():

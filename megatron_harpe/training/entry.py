@@ -10,6 +10,7 @@ import traceback
 import torch
 
 from megatron_harpe.arguments import HarpeArgumentError, add_harpe_args, harpe_enabled, resolve_harpe_args
+from megatron_harpe.model import have_te
 from megatron_harpe.training.model_provider import layer_impl
 
 logger = logging.getLogger(__name__)
@@ -104,9 +105,7 @@ def check_megatron_engine_flags(args) -> None:
     """What megatron.training needs before it starts: the layer spec's libraries, and without Transformer Engine
     (or apex) no fusion that only they provide. Said up front, instead of an assertion deep in the model build."""
     layer_impl(args)
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    if HAVE_TE:
+    if have_te():
         return
     needed = [flag for flag, on in (("--no-rope-fusion", args.apply_rope_fusion),
                                     ("--no-gradient-accumulation-fusion", args.gradient_accumulation_fusion),

@@ -15,7 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.arguments import HarpeArgumentError, harpe_bases_from_args
-from megatron_harpe.model import HarpeGPTModel, harpe_layer_spec, standard_layer_spec
+from megatron_harpe.model import HarpeGPTModel, harpe_layer_spec, have_te, standard_layer_spec
 
 # What build_model prints, once per process on rank 0: "layer spec: <name> (...)" and the RoPE path
 # ("standard RoPE: ...", "HARPE RoPE path: ..."; HARPE's kernels print "HARPE RoPE kernel: <name>" at their first
@@ -36,9 +36,7 @@ def layer_impl(args: argparse.Namespace) -> str:
     if args.transformer_impl != "transformer_engine":
         raise HarpeArgumentError(f"--transformer-impl {args.transformer_impl}: HARPE builds transformer_engine "
                                  "or local layer specs")
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    if not HAVE_TE:
+    if not have_te():
         raise HarpeArgumentError(
             "--transformer-impl transformer_engine (Megatron's default) needs Transformer Engine, which is not "
             "installed: run in NVIDIA's PyTorch container (docker/), or pass --transformer-impl local for "

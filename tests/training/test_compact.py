@@ -18,6 +18,7 @@ import torch
 
 from megatron_harpe.bases import select_bases
 from megatron_harpe.distributed import free_port
+from megatron_harpe.model import have_te
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "examples", "pretrain_tiny_harpe_cpu.sh")
@@ -175,19 +176,13 @@ def test_checkpoint_loads_into_harpe_model_with_its_bases(tmp_path, megatron_sin
     assert loss < 0.75 * math.log(args.padded_vocab_size), loss
 
 
-def _have_te():
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    return HAVE_TE
-
-
 LOCAL_ON_GPU = "--transformer-impl local --no-rope-fusion --no-gradient-accumulation-fusion --no-persist-layer-norm"
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec, flags", [
     pytest.param("transformer_engine", "--transformer-impl transformer_engine",
-                 marks=pytest.mark.skipif(not _have_te(), reason="needs Transformer Engine")),
+                 marks=pytest.mark.skipif(not have_te(), reason="needs Transformer Engine")),
     ("local", LOCAL_ON_GPU),
 ])
 def test_megatron_engine_on_one_gpu(tmp_path, spec, flags):

@@ -5,25 +5,20 @@ import argparse
 import pytest
 
 from megatron_harpe.arguments import HarpeArgumentError
+from megatron_harpe.model import have_te
 from megatron_harpe.training import model_provider
 from megatron_harpe.training.entry import parse_and_validate
 from utils import TINY_ARGV as TINY
 
 
-def _have_te():
-    from megatron.core.extensions.transformer_engine import HAVE_TE
-
-    return HAVE_TE
-
-
-@pytest.mark.skipif(_have_te(), reason="Transformer Engine is installed here")
+@pytest.mark.skipif(have_te(), reason="Transformer Engine is installed here")
 def test_transformer_engine_without_te_is_an_error_that_says_what_to_do():
     with pytest.raises(HarpeArgumentError, match="--transformer-impl local"):
         model_provider.layer_impl(argparse.Namespace(transformer_impl="transformer_engine"))
     assert model_provider.layer_impl(argparse.Namespace(transformer_impl="local")) == "local"
 
 
-@pytest.mark.skipif(_have_te(), reason="Transformer Engine is installed here")
+@pytest.mark.skipif(have_te(), reason="Transformer Engine is installed here")
 def test_the_megatron_engine_refuses_before_it_starts(monkeypatch, capsys):
     from megatron_harpe.training import entry
 
