@@ -8,7 +8,12 @@ Takes every Megatron-LM flag plus ``--harpe-*`` (``python pretrain_harpe.py --he
 
 import sys
 
-from megatron_harpe.training.entry import main
-
 if __name__ == "__main__":
+    # Imports inside the guard: megatron's torch_dist writer starts a 'spawn' Manager, whose child re-imports this
+    # file; it must not import all of megatron again. The filter goes first, before megatron's import-time notices.
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()
+    from megatron_harpe.training.entry import main
+
     sys.exit(main())

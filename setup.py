@@ -25,7 +25,8 @@ setup(
     # Never apex or transformer-engine: both come from NVIDIA's PyTorch container (see docker/).
     extras_require={
         "test": ["pytest"],
-        "hf": ["transformers"],
+        # The exported HARPE model's code uses transformers 5.24's attention API (megatron_harpe/hf/).
+        "hf": ["transformers>=5.24,<6"],
         "plots": ["matplotlib"],
     },
     entry_points={

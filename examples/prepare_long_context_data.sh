@@ -4,6 +4,7 @@
 # Usage: SOURCES_DIR=DIR TOKENIZER_MODEL=llama2/tokenizer.model examples/prepare_long_context_data.sh OUTDIR [--force]
 #   SOURCES_DIR holds one entry per source (a folder of .jsonl[.gz] files or one .jsonl[.gz] file) named after
 #   SlimPajama's sets: commoncrawl c4 github wikipedia book arxiv stackexchange (RedPajama* names work too).
+#   Other files there (a README, notes) are not sources: they are named in a warning and left out.
 #   SlimPajama ships its sets mixed in .jsonl.zst chunks: decompress (zstd -d) and split them by
 #   meta.redpajama_set_name first, e.g. jq -c 'select(.meta.redpajama_set_name=="RedPajamaBook")'.
 # Settings (environment): WORKERS (all cores), SEQ_LENGTH (131072), TARGET_TOKENS (default: the largest mixture
@@ -28,9 +29,23 @@ missing=()
 [[ -n ${TOKENIZER_MODEL:-} && -f ${TOKENIZER_MODEL:-} ]] || missing+=( "TOKENIZER_MODEL (Llama-2's tokenizer.model)" )
 if (( ${#missing[@]} )); then printf 'error: set or fix:\n' >&2; printf '  %s\n' "${missing[@]}" >&2; exit 2; fi
 
+# Sources: folders and JSON-lines files (preprocess_data.py's suffixes); anything else is named and left out.
+shopt -s nullglob
+entries=() skipped=()
+for entry in "$SOURCES_DIR"/*; do
+  case $entry in
+    *.jsonl | *.json | *.jsonl.gz | *.json.gz | *.ndjson) entries+=( "$entry" ) ;;
+    *) if [[ -d $entry ]]; then entries+=( "$entry" ); else skipped+=( "$(basename "$entry")" ); fi ;;
+  esac
+done
+if (( ${#skipped[@]} )); then
+  echo "warning: not a source, left out: ${skipped[*]} (sources are folders or .jsonl/.json[.gz]/.ndjson files)" >&2
+fi
+(( ${#entries[@]} )) || { echo "error: $SOURCES_DIR holds no source (a folder or a .jsonl[.gz] file per source)" >&2; exit 2; }
+
 mkdir -p "$out/tokenized"
 sources=()
-for entry in "$SOURCES_DIR"/*; do
+for entry in "${entries[@]}"; do
   name=$(basename "$entry"); name=${name%%.*}
   prefix=$out/tokenized/$name
   if [[ -f ${prefix}_text_document.idx && ${#force[@]} == 0 ]]; then
@@ -42,7 +57,6 @@ for entry in "$SOURCES_DIR"/*; do
   fi
   sources+=( --source "$name=${prefix}_text_document" )
 done
-(( ${#sources[@]} )) || { echo "error: $SOURCES_DIR is empty" >&2; exit 2; }
 mix_args=( --seq-length "${SEQ_LENGTH:-131072}" --long-threshold "${LONG_THRESHOLD:-4096}"
            --short-keep-probability "${SHORT_KEEP_PROBABILITY:-0.1}" --format "${FORMAT:-indexed}" )
 [[ -n ${TARGET_TOKENS:-} ]] && mix_args+=( --target-tokens "$TARGET_TOKENS" )

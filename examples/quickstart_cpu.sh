@@ -17,10 +17,22 @@ for a in "$@"; do
     *) out=$a ;;
   esac
 done
+# What this script writes into OUTDIR; --force removes these and nothing else.
+written=(demo data run hf eval)
 if [[ -d $out && -n $(ls -A "$out") ]]; then
-  if [[ $force == 1 ]]; then rm -rf "$out"; else
+  if [[ $force == 0 ]]; then
     echo "error: $out exists and is not empty: choose another OUTDIR or pass --force to replace it" >&2; exit 2
   fi
+  foreign=()
+  for entry in "$out"/* "$out"/.[!.]*; do
+    [[ -e $entry ]] || continue
+    [[ " ${written[*]} " == *" ${entry##*/} "* ]] || foreign+=( "${entry##*/}" )
+  done
+  if (( ${#foreign[@]} )); then
+    echo "error: $out holds ${foreign[*]}, which the quickstart did not write: --force would delete them;" \
+         "move them or choose another OUTDIR" >&2; exit 2
+  fi
+  for entry in "${written[@]}"; do rm -rf "${out:?}/$entry"; done
 fi
 ./scripts/setup_env.sh
 PY=.venv/bin/python
@@ -39,7 +51,8 @@ DATA_PATH=$out/data/mixture TOKENIZER_MODEL=$out/data/corpus/tokenizer.model SPL
   || { tail -n 40 "$out/run.log" >&2; exit 1; }
 grep -E "iteration +[0-9]+/" "$out/run.log" | sed -n '1p;$p'
 step 4 "Megatron checkpoint -> Hugging Face"
-"$PY" tools/convert_megatron_to_hf.py --megatron-dir "$out/run/checkpoints" --out "$out/hf" \
+# --allow-pickle: a torch_dist checkpoint's .metadata is a pickle; this one was written by step 3 just now.
+"$PY" tools/convert_megatron_to_hf.py --megatron-dir "$out/run/checkpoints" --out "$out/hf" --allow-pickle \
   --tokenizer-model "$out/data/corpus/tokenizer.model" 2>&1 | grep -E "^wrote|error"
 step 5 "Needle-in-a-Haystack and passkey"
 "$PY" tools/eval_niah.py --model "$out/hf" --out "$out/eval/niah" --lengths 128,192,240 --depths 0,0.25,0.5,0.75,1 \

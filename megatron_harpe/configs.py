@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+if TYPE_CHECKING:  # torch and megatron load inside llama_config: the shapes below serve --help and the planner
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 # Llama-2 shapes (Touvron et al. 2023); 70B uses GQA with 8 query groups.
 LLAMA2_SHAPES = {
@@ -30,11 +31,19 @@ def llama_config(
     tp: int = 1,
     pp: int = 1,
     cp: int = 1,
-    params_dtype: torch.dtype = torch.float32,
+    params_dtype: "torch.dtype | None" = None,
     cpu: bool | None = None,
     **overrides,
-) -> TransformerConfig:
-    """A megatron-core config for a Llama-2-style decoder; ``cpu`` (default: no CUDA) turns off CUDA-only fusions."""
+) -> "TransformerConfig":
+    """A megatron-core config for a Llama-2-style decoder; ``cpu`` (default: no CUDA) turns off CUDA-only fusions.
+
+    ``params_dtype`` defaults to float32.
+    """
+    import torch
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    params_dtype = params_dtype or torch.float32
     if cpu is None:
         cpu = not torch.cuda.is_available()
     fields = dict(

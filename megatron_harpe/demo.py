@@ -15,7 +15,8 @@ import time
 import numpy as np
 
 from megatron_harpe.bases import PAPER_LLAMA2_7B_BASES, select_bases, waveform_ripple
-from megatron_harpe.outputs import OutputExistsError, atomic_output_dir
+from megatron_harpe.outputs import OutputError, atomic_output_dir
+from megatron_harpe.warning_filters import filter_unactionable_warnings
 
 LLAMA2_7B = dict(head_dim=128, target_length=131072)
 
@@ -35,6 +36,7 @@ def compare_with_paper(bases) -> dict:
 
 
 def _tp_worker(rank, world_size, out_dir):
+    filter_unactionable_warnings()  # a spawned process starts with the default filters
     import torch
 
     from megatron.core import parallel_state
@@ -84,6 +86,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
     parser.add_argument("--force", action="store_true", help="replace an existing, non-empty output directory")
     args = parser.parse_args(argv)
+    filter_unactionable_warnings()
 
     try:
         with atomic_output_dir(args.out, force=args.force) as tmp:
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
             if worst_logit > 1e-4 or worst_grad > 1e-4:
                 raise RuntimeError("TP=2 does not match TP=1: this is a bug, please report it with this output")
             print(f"done in {time.perf_counter() - started:.0f}s")
-    except (OutputExistsError, ValueError) as e:
+    except (OutputError, ValueError) as e:  # OutputError: exists, not ours to replace, or a full disk
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = os.path.abspath(args.out)

@@ -9,8 +9,6 @@ from typing import Callable
 import torch
 import torch.multiprocessing as mp
 
-from megatron.core import parallel_state
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -27,6 +25,8 @@ def init_process_group(rank: int, world_size: int, port: int) -> None:
 
 def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1) -> None:
     """(Re)initialize megatron's parallel_state for these sizes over the existing process group."""
+    from megatron.core import parallel_state
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -35,6 +35,13 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1) -> None:
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:
+    # A spawned rank starts with the default warning filters: the entry points' filter first, then megatron (its
+    # import-time notices are what the filter drops).
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()
+    from megatron.core import parallel_state
+
     init_process_group(rank, world_size, port)
     try:
         fn(rank, world_size, *args)

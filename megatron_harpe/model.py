@@ -153,6 +153,21 @@ def _check_harpe_args(config: TransformerConfig, bases: Sequence[float], rope_im
     return validate_bases(bases, groups)
 
 
+def _rope_fusion_error(where: str) -> ValueError:
+    return ValueError(
+        f"{where} is megatron's plain attention: with apply_rope_fusion / fused_single_qkv_rope it would hand "
+        f"per-head frequencies to Transformer Engine's fused RoPE, which reads one frequency row per position for all "
+        f"heads (silently wrong). Build the model with harpe_layer_spec(...) / harpe_hybrid_stack_spec(...), or keep "
+        f"apply_rope_fusion=False and fused_single_qkv_rope=False"
+    )
+
+
+def _refuse_rope_fusion(attention: Attention, args) -> None:
+    """Forward pre-hook of a plain attention in a HARPE model: megatron reads the fusion flags at forward time."""
+    if attention.config.apply_rope_fusion or attention.config.fused_single_qkv_rope:
+        raise _rope_fusion_error(f"layer {attention.layer_number}'s {type(attention).__name__}")
+
+
 def _install_harpe_rotary(model, config: TransformerConfig, bases: Sequence[float], rotary_percent: float,
                           seq_len_interpolation_factor: Optional[float], rope_impl: str) -> None:
     """Replace the model's RoPE provider with HARPE's, set the RoPE path, check every attention takes it."""
@@ -178,6 +193,7 @@ def _install_harpe_rotary(model, config: TransformerConfig, bases: Sequence[floa
             module.rope_impl = rope_impl
         elif isinstance(module, Attention):
             plain.append(name)
+            module.register_forward_pre_hook(_refuse_rope_fusion)
     if plain and (model.rotary_pos_emb.compact or config.apply_rope_fusion or config.fused_single_qkv_rope):
         raise ValueError(
             f"{plain[0]} is megatron's plain attention: it cannot take HARPE's kernel inputs "

@@ -5,7 +5,8 @@ It keeps the contract of ``megatron.core.models.common.embeddings.rotary_pos_emb
 returns the ``(query, key)`` frequency pair that megatron's ``Attention`` accepts as a tuple:
 queries ``[s, 1, heads_local, rot_dim]``, keys ``[s, 1, groups_local, rot_dim]`` for this tensor-parallel
 rank's heads, every query head using its group's base. With all bases equal it is megatron's
-``RotaryEmbedding`` bit for bit (same float32 arithmetic, row for row).
+``RotaryEmbedding`` bit for bit (same float32 arithmetic, row for row), ``get_cos_sin`` (flash decoding) included;
+with distinct bases ``get_cos_sin`` refuses, since its callers apply one row to every head.
 
 Unlike megatron's provider it never assumes CUDA: the inverse-frequency table is a non-persistent
 buffer that follows the module's device, and context-parallel slicing is done here.
@@ -158,6 +159,32 @@ class HarpeRotaryEmbedding(nn.Module):
         if compact:
             return seq, self.inv_freq
         return materialize_frequencies(seq, self.inv_freq, self.heads_per_group, self.rotary_interleaved)
+
+    def get_cos_sin_per_group(self, max_seq_len: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of shape ``[max_seq_len, groups_local, dim / 2]`` (float32): each local group's own angles.
+
+        Positions are ``offset .. offset + max_seq_len - 1`` (after interpolation), not split over context
+        parallelism, as megatron's ``get_cos_sin`` does for decoding.
+        """
+        angles = self.positions(max_seq_len, offset)[:, None, None] * self.inv_freq[None, :, :]
+        return torch.cos(angles), torch.sin(angles)
+
+    def get_cos_sin(self, max_seq_len: int, offset: int = 0) -> tuple[Tensor, Tensor]:
+        """megatron's ``RotaryEmbedding.get_cos_sin``: ``cos, sin`` of shape ``[max_seq_len, dim / 2]``.
+
+        Its callers (flash decoding, ``config.flash_decode`` / ``--flash-decode``, and FlashInfer's fused RoPE in
+        dynamic inference) apply that one row per position to every head, which is HARPE only when all bases are
+        equal; otherwise this refuses rather than rotate every head with one base.
+        """
+        if len(set(self.bases)) > 1:
+            raise NotImplementedError(
+                f"flash decoding (config.flash_decode / --flash-decode) and FlashInfer's fused RoPE "
+                f"(use_flashinfer_fused_rope) apply one cos/sin row per position to every head, but this model has "
+                f"{len(set(self.bases))} different HARPE bases: turn flash_decode (and use_flashinfer_fused_rope) off; "
+                f"inference then takes megatron's unfused RoPE, which applies each head's frequencies"
+            )
+        cos, sin = self.get_cos_sin_per_group(max_seq_len, offset)
+        return cos[:, 0], sin[:, 0]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of megatron's RotaryEmbedding may carry inv_freq; ours is derived from the bases.

@@ -12,7 +12,7 @@ through the layer spec) rotates q and k itself, right after the QKV projection, 
 * ``torch`` / ``triton`` - that kernel;
 * ``unfused`` - megatron's own unfused path with materialized per-head frequencies (for comparison).
 
-Whatever the config says, fused RoPE is never used here. Inference (a KV cache) always takes megatron's
+Whatever the config says, at construction or at forward time, fused RoPE is never used here. Inference (a KV cache) always takes megatron's
 unfused path, which slices the frequencies to the cache position. Layers that ``config.no_rope_freq`` marks
 get no RoPE on any path, as in megatron's ``Attention``.
 
@@ -83,11 +83,15 @@ class HarpeSelfAttention(SelfAttention):
                 # Applied in get_query_key_value_tensors, which super().forward calls once, right below.
                 self._pending_rope = (positions, inv_freq, packed_seq_params)
                 rotary_pos_emb = None
+        # megatron reads config.apply_rope_fusion / fused_single_qkv_rope at forward time, so a flag switched on
+        # after construction would hand per-head frequencies to TE's fused RoPE: forward sees them off, always.
+        config, self.config = self.config, without_rope_fusion(self.config)
         try:
             return super().forward(hidden_states, attention_mask, key_value_states, inference_context,
                                    rotary_pos_emb, *args, packed_seq_params=packed_seq_params, **kwargs)
         finally:
             self._pending_rope = None
+            self.config = config
 
     def _skips_rope(self) -> bool:
         """megatron's test: ``no_rope_freq`` is 0-indexed per layer, ``layer_number`` 1-indexed."""

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+_RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,10 @@ def _run_in_process(entry: str, argv: List[str], capsys) -> Outcome:
 
 
 def _run_subprocess(case: Misuse, argv: List[str], tmp: Path) -> Outcome:
-    env = dict(os.environ, **case.env)
+    # A user's shell, not this test process's: in-process tests leave torch.distributed's rendezvous variables
+    # (MASTER_PORT of a store this process still serves) in os.environ.
+    env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}
+    env.update(case.env)
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=case.timeout)
     return Outcome(proc.returncode, proc.stderr + proc.stdout)
 

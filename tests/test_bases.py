@@ -72,13 +72,12 @@ def test_peak_valley_descending_and_small_cases():
     assert select_bases(1, "peak_valley", 1e4, 1e5, head_dim=64, target_length=8192) == [1e4]
 
 
-def test_peak_valley_64_bases_is_fast():
-    import time
-
-    start = time.perf_counter()
+def test_peak_valley_64_bases():
+    # 64 heads (Llama-2-70B's query heads) need 64 of the 134 grid candidates: all distinct, on the grid.
+    # How long it takes is measured in benchmarks/bases.py, not asserted here.
     got = select_bases(64, "peak_valley", 1e6, 5e6, stride=30000, **LLAMA)
-    assert len(set(got)) == 64
-    assert time.perf_counter() - start < 60  # "seconds, not minutes" (about 4 s measured on 2 cores)
+    assert len(set(got)) == 64 and got == sorted(got) and got[0] == 1e6
+    assert all(abs(((b - 1e6) / 30000) - round((b - 1e6) / 30000)) < 1e-9 and b <= 5e6 for b in got)
 
 
 def test_waveform_is_the_long_term_decay_bound():

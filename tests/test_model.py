@@ -75,6 +75,28 @@ def test_fused_rope_with_a_plain_attention_spec_is_refused():
                       harpe_bases=TINY_BASES)
 
 
+def test_fused_rope_switched_on_later_with_a_plain_attention_spec_is_refused(monkeypatch):
+    # megatron's plain attention reads apply_rope_fusion at forward time: refused then too (issue 15, item 7).
+    from megatron.core.models.common.embeddings import rope_utils
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", _fused_rope)
+    config = tiny_config()
+    model = HarpeGPTModel(config, standard_layer_spec("local"), vocab_size=VOCAB, max_sequence_length=64,
+                          harpe_bases=TINY_BASES, harpe_rope_impl="unfused").eval()
+    model(tokens(1, 8), None, None)  # fusion off: runs
+    config.apply_rope_fusion = True
+    with pytest.raises(ValueError, match="plain attention.*apply_rope_fusion"):
+        model(tokens(1, 8), None, None)
+
+
+class _FusedRopeCalled(Exception):
+    pass
+
+
+def _fused_rope(*args, **kwargs):
+    raise _FusedRopeCalled("Transformer Engine's fused RoPE was called with HARPE's per-head frequencies")
+
+
 def loss_and_grads(model, ids):
     model.zero_grad()
     loss = model(ids, None, None, labels=torch.roll(ids, -1, 1)).sum()
@@ -231,6 +253,20 @@ def test_kv_cache_decoding_matches_the_full_forward(rope_impl):
     with torch.no_grad():
         full = model(ids, None, None)
     torch.testing.assert_close(decode(model, ids), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope_impl", ["torch", "unfused"])
+def test_kv_cache_decoding_ignores_rope_fusion_switched_on_later(monkeypatch, rope_impl):
+    # Decoding hands materialized per-head frequencies to megatron's RoPE, which reads apply_rope_fusion then.
+    from megatron.core.models.common.embeddings import rope_utils
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", _fused_rope)
+    config = tiny_config()
+    model = tiny_model(config, harpe_rope_impl=rope_impl).eval()
+    ids = tokens(1, 12)
+    expected = decode(model, ids)
+    config.apply_rope_fusion = True
+    assert torch.equal(decode(model, ids), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------

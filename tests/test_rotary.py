@@ -147,3 +147,37 @@ def test_packed_table_covers_the_whole_pack_on_the_kernel_path():
     assert rope.get_rotary_seq_len(None, None, rows, plain, None) == 10
     rope.compact = False
     assert rope.get_rotary_seq_len(None, None, rows, plain, params) == 7
+
+
+# megatron's GPTModel calls rotary_pos_emb.get_cos_sin(max_sequence_length) for flash decoding (issue 15, item 7).
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("rotary_percent, interpolation", [(1.0, None), (0.5, 2.0)])
+@pytest.mark.parametrize("offset", [0, 7])
+def test_get_cos_sin_with_equal_bases_is_megatrons(interleaved, rotary_percent, interpolation, offset):
+    base, seq, heads, groups = 500000, 64, 4, 2
+    ours = provider([base] * groups, heads, groups, rotary_percent=rotary_percent, rotary_interleaved=interleaved,
+                    seq_len_interpolation_factor=interpolation)
+    theirs = RotaryEmbedding(kv_channels=32, rotary_percent=rotary_percent, rotary_interleaved=interleaved,
+                             seq_len_interpolation_factor=interpolation, rotary_base=base, use_cpu_initialization=True)
+    cos, sin = ours.get_cos_sin(seq, offset)
+    expected_cos, expected_sin = theirs.get_cos_sin(seq, offset)
+    assert cos.shape == expected_cos.shape == (seq, ours.dim // 2)
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+
+
+@pytest.mark.parametrize("tp_rank", [0, 1])
+def test_per_group_cos_sin_matches_plain_reference(tp_rank):
+    bases, seq, offset = [1e4, 5e4, 2.5e5, 1e6], 48, 5
+    ours = provider(bases, heads=8, groups=4, tp=(tp_rank, 2), seq_len_interpolation_factor=2.0)
+    cos, sin = ours.get_cos_sin_per_group(seq, offset)
+    assert cos.shape == sin.shape == (seq, 2, 16) and cos.dtype == torch.float32
+    positions = (torch.arange(seq, dtype=torch.float64) + offset) / 2.0
+    for g, base in enumerate(bases[2 * tp_rank : 2 * tp_rank + 2]):
+        angle = positions[:, None] / base ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+        torch.testing.assert_close(cos[:, g].double(), torch.cos(angle), rtol=0, atol=1e-5)
+        torch.testing.assert_close(sin[:, g].double(), torch.sin(angle), rtol=0, atol=1e-5)
+
+
+def test_get_cos_sin_refuses_distinct_bases_and_names_flash_decode():
+    with pytest.raises(NotImplementedError, match=r"flash_decode / --flash-decode"):
+        provider([1e4, 1e6], heads=4, groups=2).get_cos_sin(16)

@@ -85,3 +85,34 @@ def _dynamic_cp_worker(rank, world_size):
 @pytest.mark.multirank
 def test_packed_padded_thd_over_the_micro_batch_cp_group_equals_one_rank():
     spawn(_dynamic_cp_worker, 2)
+
+
+class _FusedRopeCalled(Exception):
+    pass
+
+
+def _fused_rope(*args, **kwargs):
+    raise _FusedRopeCalled("Transformer Engine's fused RoPE was called with HARPE's per-head frequencies")
+
+
+# megatron's Attention reads the fusion flags at forward time, not at construction (issue 15, item 7).
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize("flag", ["apply_rope_fusion", "fused_single_qkv_rope"])
+@pytest.mark.parametrize("rope_impl", ["unfused", "torch"])
+def test_rope_fusion_switched_on_after_construction_is_never_used(monkeypatch, flag, rope_impl):
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.transformer import attention
+
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", _fused_rope)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb_thd", _fused_rope)
+    monkeypatch.setattr(attention, "apply_fused_qkv_rotary_pos_emb", _fused_rope, raising=False)
+    monkeypatch.setattr(attention, "HAVE_FUSED_QKV_ROPE", True)  # as if TE were installed
+    config = tiny_config()
+    model = tiny_model(config, harpe_rope_impl=rope_impl).eval()
+    ids = tokens(2, 16)
+    with torch.no_grad():
+        expected = model(ids, None, None)
+        setattr(config, flag, True)
+        assert all(getattr(m.config, flag) for m in model.modules() if isinstance(m, self_attention.HarpeSelfAttention))
+        got = model(ids, None, None)
+    assert torch.equal(got, expected)

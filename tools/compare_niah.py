@@ -2,7 +2,10 @@
 """Command-line front for megatron_harpe.eval.cli: two NIAH results side by side and their difference."""
 import sys
 
-from megatron_harpe.eval.cli import compare_niah
-
 if __name__ == "__main__":
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()  # before megatron_harpe.eval.cli imports anything heavy
+    from megatron_harpe.eval.cli import compare_niah
+
     sys.exit(compare_niah())

@@ -2,7 +2,10 @@
 """Command-line front for megatron_harpe.eval.cli: perplexity evaluation of a Hugging Face model directory."""
 import sys
 
-from megatron_harpe.eval.cli import eval_perplexity
-
 if __name__ == "__main__":
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()  # before megatron_harpe.eval.cli imports anything heavy
+    from megatron_harpe.eval.cli import eval_perplexity
+
     sys.exit(eval_perplexity())

@@ -2,7 +2,10 @@
 """Command-line front for megatron_harpe.eval.cli: HARPE bases and their waveforms against single-base ABF."""
 import sys
 
-from megatron_harpe.eval.cli import plot_harpe_bases
-
 if __name__ == "__main__":
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()  # before megatron_harpe.eval.cli imports anything heavy
+    from megatron_harpe.eval.cli import plot_harpe_bases
+
     sys.exit(plot_harpe_bases())

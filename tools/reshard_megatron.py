@@ -2,7 +2,10 @@
 """Command-line front for megatron_harpe.convert.cli: Megatron-LM checkpoint -> another TP/PP layout."""
 import sys
 
-from megatron_harpe.convert.cli import reshard
-
 if __name__ == "__main__":
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()  # before megatron_harpe.convert.cli imports anything heavy
+    from megatron_harpe.convert.cli import reshard
+
     sys.exit(reshard())

@@ -2,7 +2,10 @@
 """Command-line front for megatron_harpe.bases_cli: choose HARPE bases and draw their waveforms."""
 import sys
 
-from megatron_harpe.bases_cli import main
-
 if __name__ == "__main__":
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()  # before megatron_harpe.bases_cli imports anything heavy
+    from megatron_harpe.bases_cli import main
+
     sys.exit(main())

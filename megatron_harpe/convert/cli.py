@@ -1,27 +1,25 @@
-"""The commands behind tools/convert_hf_to_megatron.py, tools/convert_megatron_to_hf.py and tools/reshard_megatron.py."""
+"""The commands behind tools/convert_hf_to_megatron.py, tools/convert_megatron_to_hf.py and tools/reshard_megatron.py.
+
+torch, megatron and transformers are imported inside the command bodies, after ``parse_args``: ``--help`` and a
+refused command line stay fast. Before any work each command refuses an ``--out`` that is, lies inside or holds an
+input, and an existing ``--out`` that ``--force`` may not replace (:mod:`megatron_harpe.outputs`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint, HFWriter, write_hf_config, write_hf_tokenizer
-from megatron_harpe.convert.mapping import GLOBAL_TABLE, ConversionError
-from megatron_harpe.convert.megatron_checkpoint import (
-    hf_tensors,
-    megatron_args,
-    megatron_full_tensors,
-    read_args,
-    run_dtype,
-    shape_from_args,
-    write_torch,
-    write_torch_dist,
-)
-from megatron_harpe.outputs import OutputExistsError, atomic_output_dir
+from megatron_harpe.outputs import OutputError, atomic_output_dir, check_output_dir, refuse_overlap
 
 log = logging.getLogger(__name__)
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # hf_checkpoint.DTYPES' keys, without importing torch for --help
+SEARCH_FLAGS = ("harpe_base_min", "harpe_base_max", "harpe_stride", "harpe_target_length")
+ALLOW_PICKLE_HELP = ("load checkpoint files that need full unpickling (runs any code they carry): torch-format "
+                     "files holding more than tensors and Megatron's own types, and every torch_dist checkpoint, "
+                     "whose .metadata torch unpickles; only for checkpoints you trust")
 
 
 def _harpe_flags(args) -> List[str]:
@@ -42,15 +40,31 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="step", mininterval=1.0)
 
 
+def _refuse_search_flags_without_strategy(parser: argparse.ArgumentParser, args) -> None:
+    """The base-search flags only steer --harpe-strategy; alone they would silently give standard RoPE."""
+    given = ["--" + flag.replace("_", "-") for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
+    if given and not args.harpe_strategy:
+        parser.error(f"{', '.join(given)} set the base search of --harpe-strategy: add --harpe-strategy "
+                     "(peak_valley, uniform or geometric), or drop them (--harpe-bases gives the bases themselves)")
+
+
+def _check_out(out: str, force: bool, inputs: Dict[str, Optional[str]]) -> None:
+    refuse_overlap(out, inputs)
+    check_output_dir(out, force)
+
+
 def _run(main_body) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    from megatron_harpe.convert.mapping import ConversionError
+    from megatron_harpe.training.checkpoint import UnsafeCheckpointError
+
     try:
         main_body()
-    except (ConversionError, OutputExistsError, FileNotFoundError) as e:
+    except (ConversionError, OutputError, UnsafeCheckpointError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:  # HARPE and Megatron argument errors
+    except ValueError as e:  # HARPE and Megatron argument errors, unreadable checkpoints
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -66,7 +80,7 @@ def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
                    help="torch_dist loads at any TP/PP (needs the whole model in RAM to write); torch streams one "
                         "rank at a time and loads at this TP/PP only (train with --auto-detect-ckpt-format to "
                         "continue in torch_dist)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: the checkpoint's torch_dtype (else bf16)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the checkpoint's torch_dtype (else bf16)")
     p.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
                    help="the layer spec the torch format's key names follow (torch_dist fits both)")
     p.add_argument("--seq-length", type=int, help="training sequence length saved in the args (default: the "
@@ -74,15 +88,21 @@ def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--harpe-bases", help="one RoPE base per query group, or 'paper-llama2-7b'")
     src.add_argument("--harpe-strategy", choices=["peak_valley", "uniform", "geometric"])
-    p.add_argument("--harpe-base-min", type=float)
-    p.add_argument("--harpe-base-max", type=float)
-    p.add_argument("--harpe-stride", type=float)
-    p.add_argument("--harpe-target-length", type=int)
+    p.add_argument("--harpe-base-min", type=float, help="with --harpe-strategy")
+    p.add_argument("--harpe-base-max", type=float, help="with --harpe-strategy")
+    p.add_argument("--harpe-stride", type=float, help="with --harpe-strategy")
+    p.add_argument("--harpe-target-length", type=int, help="with --harpe-strategy")
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (unpickling runs code)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--force", action="store_true", help="replace an --out this command wrote before")
     args = p.parse_args(argv)
+    _refuse_search_flags_without_strategy(p, args)
 
     def body():
+        from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint
+        from megatron_harpe.convert.mapping import GLOBAL_TABLE
+        from megatron_harpe.convert.megatron_checkpoint import megatron_args, write_torch, write_torch_dist
+
+        _check_out(args.out, args.force, {"--hf-dir": args.hf_dir})
         hf = HFCheckpoint(args.hf_dir, allow_pickle=args.allow_pickle)
         hf.shape.check_layout(args.tp, args.pp)
         dtype = args.dtype or hf.dtype
@@ -92,7 +112,8 @@ def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
         margs = megatron_args(hf.shape, tp=args.tp, pp=args.pp, dtype=dtype, ckpt_format=args.format,
                               transformer_impl=args.transformer_impl,
                               seq_length=args.seq_length or hf.shape.max_position_embeddings, harpe_args=harpe)
-        with atomic_output_dir(args.out, force=args.force) as tmp:
+        with atomic_output_dir(args.out, force=args.force, tool="convert_hf_to_megatron",
+                               inputs={"--hf-dir": args.hf_dir}) as tmp:
             if args.format == "torch":
                 steps = args.tp * (len(GLOBAL_TABLE) + hf.shape.num_layers)
                 with _progress(steps, "converting") as bar:
@@ -111,35 +132,58 @@ def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--megatron-dir", required=True, help="the checkpoint root (holds latest_checkpointed_iteration.txt)")
     p.add_argument("--out", required=True, help="a new directory")
     p.add_argument("--iteration", type=int, help="default: the latest")
-    p.add_argument("--dtype", choices=list(DTYPES), help="default: the run's (bf16/fp16), else fp32")
-    p.add_argument("--tokenizer-model", help="sentencepiece tokenizer.model to write Hugging Face tokenizer files")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the run's (bf16/fp16), else fp32")
+    p.add_argument("--tokenizer-model", help="sentencepiece tokenizer.model: Hugging Face tokenizer files, and the "
+                                             "special token ids of config.json (default: Llama-2's bos 1, eos 2)")
     p.add_argument("--vocab-size", type=int, help="true vocabulary size, when the checkpoint's args lack it")
     p.add_argument("--max-shard-gb", type=float, default=5.0)
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    p.add_argument("--force", action="store_true", help="replace an --out this command wrote before")
     args = p.parse_args(argv)
 
     def body():
         from megatron_harpe.arguments import harpe_bases_from_args
+        from megatron_harpe.convert.hf_checkpoint import (
+            DTYPES,
+            HFWriter,
+            tokenizer_special_ids,
+            tokenizer_vocab_size,
+            write_hf_config,
+            write_hf_tokenizer,
+        )
+        from megatron_harpe.convert.mapping import ConversionError
+        from megatron_harpe.convert.megatron_checkpoint import (
+            hf_tensors,
+            megatron_full_tensors,
+            read_args,
+            run_dtype,
+            shape_from_args,
+        )
 
-        path, fmt, margs = read_args(args.megatron_dir, args.iteration)
+        inputs = {"--megatron-dir": args.megatron_dir, "--tokenizer-model": args.tokenizer_model}
+        _check_out(args.out, args.force, inputs)
         vocab = args.vocab_size
-        if vocab is None and args.tokenizer_model:
-            import sentencepiece
-
-            vocab = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer_model).vocab_size()
-        shape = shape_from_args(margs, vocab)
+        if args.tokenizer_model:
+            tokenizer_vocab = tokenizer_vocab_size(args.tokenizer_model)
+            if vocab is not None and vocab != tokenizer_vocab:
+                raise ConversionError(f"--vocab-size {vocab} but --tokenizer-model has {tokenizer_vocab} pieces: "
+                                      "give one of them, or the tokenizer the model was trained with")
+            vocab = tokenizer_vocab
+        path, fmt, margs = read_args(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)
+        shape = shape_from_args(margs, vocab, vocab_flags="--vocab-size or --tokenizer-model")
         bases = harpe_bases_from_args(margs)
         dtype = args.dtype or run_dtype(margs)
-        with atomic_output_dir(args.out, force=args.force) as tmp:
+        special = tokenizer_special_ids(args.tokenizer_model) if args.tokenizer_model else None
+        with atomic_output_dir(args.out, force=args.force, tool="convert_megatron_to_hf", inputs=inputs) as tmp:
             writer = HFWriter(tmp, int(args.max_shard_gb * 2**30))
             with _progress(None, "exporting") as bar:
-                for name, tensor in hf_tensors(megatron_full_tensors(path, fmt, margs), shape):
+                for name, tensor in hf_tensors(megatron_full_tensors(path, fmt, margs, args.allow_pickle), shape):
                     writer.add(name, tensor.to(DTYPES[dtype]))
                     bar.update(1)
             writer.finish()
             if args.tokenizer_model:  # before config.json: transformers would ask to trust a HARPE config's code
                 write_hf_tokenizer(tmp, args.tokenizer_model)
-            write_hf_config(tmp, shape, dtype, bases)
+            write_hf_config(tmp, shape, dtype, bases, special)
         kind = f"HARPE Llama with {len(bases)} bases (trust_remote_code=True)" if bases else "LlamaForCausalLM"
         print(f"wrote {args.out}: {kind}, {dtype}, from {path} ({fmt})")
 
@@ -155,23 +199,35 @@ def reshard(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--iteration", type=int)
     p.add_argument("--vocab-size", type=int, help="true vocabulary size, when the checkpoint's args lack it")
     p.add_argument("--transformer-impl", choices=["transformer_engine", "local"])
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
+    p.add_argument("--force", action="store_true", help="replace an --out this command wrote before")
     args = p.parse_args(argv)
 
     def body():
-        path, fmt, margs = read_args(args.megatron_dir, args.iteration)
-        shape = shape_from_args(margs, args.vocab_size)
+        from megatron_harpe.convert.hf_checkpoint import DTYPES
+        from megatron_harpe.convert.mapping import padded_vocab_size
+        from megatron_harpe.convert.megatron_checkpoint import (
+            hf_tensors,
+            megatron_full_tensors,
+            read_args,
+            run_dtype,
+            shape_from_args,
+            write_torch,
+        )
+
+        _check_out(args.out, args.force, {"--megatron-dir": args.megatron_dir})
+        path, fmt, margs = read_args(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)
+        shape = shape_from_args(margs, args.vocab_size, vocab_flags="--vocab-size")
         shape.check_layout(args.tp, args.pp)
         # Through the same table: megatron (any layout) -> Hugging Face names -> megatron at the new layout.
-        hf = dict(hf_tensors(megatron_full_tensors(path, fmt, margs), shape))
+        hf = dict(hf_tensors(megatron_full_tensors(path, fmt, margs, args.allow_pickle), shape))
         new = argparse.Namespace(**vars(margs))
         new.tensor_model_parallel_size, new.pipeline_model_parallel_size, new.ckpt_format = args.tp, args.pp, "torch"
         new.transformer_impl = args.transformer_impl or margs.transformer_impl
-        from megatron_harpe.convert.mapping import padded_vocab_size
-
         new.padded_vocab_size = padded_vocab_size(shape.vocab_size, args.tp, margs.make_vocab_size_divisible_by)
         new.vocab_size = shape.vocab_size
-        with atomic_output_dir(args.out, force=args.force) as tmp:
+        with atomic_output_dir(args.out, force=args.force, tool="reshard_megatron",
+                               inputs={"--megatron-dir": args.megatron_dir}) as tmp:
             write_torch(tmp, hf.__getitem__, shape, new, DTYPES[run_dtype(margs)])
         print(f"wrote {args.out} (torch, TP={args.tp} PP={args.pp}) from {path} ({fmt})")
 

@@ -133,6 +133,7 @@ class HFWriter:
         self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
         self.pending: Dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
+        self.total_bytes = 0  # tensor bytes, the index's total_size (as transformers writes it), not file bytes
         self.shards: List[List[str]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -141,6 +142,7 @@ class HFWriter:
             self._flush()
         self.pending[name] = tensor.contiguous()
         self.pending_bytes += size
+        self.total_bytes += size
 
     def _flush(self) -> None:
         from safetensors.torch import save_file
@@ -161,21 +163,54 @@ class HFWriter:
             final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
             os.replace(os.path.join(self.out_dir, f"shard-{i}.tmp"), os.path.join(self.out_dir, final))
             weight_map.update(dict.fromkeys(names, final))
-        size = sum(os.path.getsize(os.path.join(self.out_dir, f)) for f in set(weight_map.values()))
         with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f, indent=2)
+            json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
 
 
-def write_hf_config(out_dir: str, shape: LlamaShape, dtype: str, harpe_bases: Optional[List[float]]) -> None:
-    """``config.json`` (``LlamaForCausalLM``, or the HARPE model with ``auto_map``) and ``generation_config.json``."""
+LLAMA2_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None}  # without a tokenizer model
+
+
+def _sentencepiece(tokenizer_model: str):
+    import sentencepiece
+
+    if not os.path.isfile(tokenizer_model):
+        raise ConversionError(f"--tokenizer-model {tokenizer_model} does not exist")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
+    except (OSError, RuntimeError) as e:
+        raise ConversionError(f"--tokenizer-model {tokenizer_model} is not a sentencepiece model "
+                              f"({str(e).strip().splitlines()[-1]}): give the tokenizer.model the model was "
+                              "trained with") from None
+
+
+def tokenizer_vocab_size(tokenizer_model: str) -> int:
+    return _sentencepiece(tokenizer_model).vocab_size()
+
+
+def tokenizer_special_ids(tokenizer_model: str) -> Dict[str, Optional[int]]:
+    """bos/eos/pad/unk ids of a sentencepiece model (its -1 means none: None)."""
+    sp = _sentencepiece(tokenizer_model)
+    ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id(),
+           "unk_token_id": sp.unk_id()}
+    return {k: (v if v >= 0 else None) for k, v in ids.items()}
+
+
+def write_hf_config(out_dir: str, shape: LlamaShape, dtype: str, harpe_bases: Optional[List[float]],
+                    special_ids: Optional[Dict[str, Optional[int]]] = None) -> None:
+    """``config.json`` (``LlamaForCausalLM``, or the HARPE model with ``auto_map``) and ``generation_config.json``.
+
+    ``special_ids`` (:func:`tokenizer_special_ids`) default to Llama-2's bos 1 / eos 2, no pad.
+    """
     from transformers import GenerationConfig, LlamaConfig
+
+    special = {k: v for k, v in (special_ids or LLAMA2_SPECIAL_IDS).items() if k != "unk_token_id"}
 
     fields = dict(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.ffn_hidden_size,
                   num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_attention_heads,
                   num_key_value_heads=shape.num_query_groups, max_position_embeddings=shape.max_position_embeddings,
                   rms_norm_eps=shape.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
-                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype={"bf16": "bfloat16",
-                  "fp16": "float16", "fp32": "float32"}[dtype])
+                  tie_word_embeddings=False, **special, dtype={"bf16": "bfloat16", "fp16": "float16",
+                                                                "fp32": "float32"}[dtype])
     if harpe_bases is None:
         config = LlamaConfig(architectures=["LlamaForCausalLM"], **fields)
     else:
@@ -185,20 +220,25 @@ def write_hf_config(out_dir: str, shape: LlamaShape, dtype: str, harpe_bases: Op
         config.auto_map = {"AutoConfig": "configuration_harpe_llama.HarpeLlamaConfig",
                            "AutoModelForCausalLM": "modeling_harpe_llama.HarpeLlamaForCausalLM"}
         source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
-        for name in HARPE_FILES:
-            shutil.copy(os.path.join(source, name), os.path.join(out_dir, name))
+        for name in HARPE_FILES:  # copyfile: the umask's permissions, not the installed files' (maybe read-only)
+            shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
     config.save_pretrained(out_dir)
-    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(out_dir)
+    GenerationConfig(**special).save_pretrained(out_dir)
 
 
 def write_hf_tokenizer(out_dir: str, tokenizer_model: str) -> None:
-    """Llama's tokenizer files from a sentencepiece ``tokenizer.model`` (transformers converts it to tokenizer.json)."""
+    """Llama's tokenizer files from a sentencepiece ``tokenizer.model`` (transformers converts it to tokenizer.json),
+    its special tokens as the model defines them."""
     from transformers import AutoTokenizer
 
-    if not os.path.isfile(tokenizer_model):
-        raise ConversionError(f"--tokenizer-model {tokenizer_model} does not exist")
-    shutil.copy(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
+    sp = _sentencepiece(tokenizer_model)
+
+    def piece(i: int) -> Optional[str]:
+        return sp.id_to_piece(i) if i >= 0 else None
+
+    shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "add_bos_token": True, "add_eos_token": False, "legacy": False}, f, indent=2)
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": piece(sp.bos_id()),
+                   "eos_token": piece(sp.eos_id()), "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id()),
+                   "add_bos_token": sp.bos_id() >= 0, "add_eos_token": False, "legacy": False}, f, indent=2)
     AutoTokenizer.from_pretrained(out_dir).save_pretrained(out_dir)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import io
+import logging
 import os
 import sys
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
@@ -80,14 +82,16 @@ def run_dtype(args: argparse.Namespace) -> str:
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
 
 
-def shape_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None) -> LlamaShape:
+def shape_from_args(args: argparse.Namespace, vocab_size: Optional[int] = None,
+                    vocab_flags: str = "--vocab-size") -> LlamaShape:
+    """The Llama the saved args describe; ``vocab_flags`` names the calling command's way to give the vocabulary."""
     vocab = vocab_size or getattr(args, "vocab_size", None)
     if not vocab:
         raise ConversionError("the checkpoint's args do not record the true vocabulary size (only the padded "
-                              f"{args.padded_vocab_size}): pass --vocab-size or --tokenizer-model")
+                              f"{args.padded_vocab_size}): pass {vocab_flags}")
     if int(vocab) > args.padded_vocab_size:
         raise ConversionError(f"vocabulary {vocab} is larger than the checkpoint's {args.padded_vocab_size} embedding "
-                              "rows: give the tokenizer the model was trained with")
+                              f"rows: pass {vocab_flags} of the tokenizer the model was trained with")
     if args.position_embedding_type != "rope" or not args.swiglu or args.normalization != "RMSNorm":
         raise ConversionError("the checkpoint is not a Llama (RoPE, SwiGLU, RMSNorm)")
     groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
@@ -174,8 +178,38 @@ def write_torch_dist(root: str, read_hf: Callable[[str], torch.Tensor], shape: L
         path = os.path.join(root, "release")
         os.makedirs(path, exist_ok=True)
         state = {"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": model.sharded_state_dict()}
-        dist_checkpointing.save(state, path)
+        with _writer_errors(path):
+            dist_checkpointing.save(state, path)
     _write_tracker(root)
+
+
+class _ErrorLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.lines: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _writer_errors(path: str):
+    """Keep the cause of a failed torch_dist write. megatron-core's file writer turns a worker's OSError into an
+    assertion on its type (filesystem_async.py ``check_local_output``), keeping the errno only in a log line."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+    lines = _ErrorLines()
+    logger = logging.getLogger("megatron.core.dist_checkpointing")
+    logger.addHandler(lines)
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        for code, text in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded")):
+            if any(text in line or f"[Errno {code}]" in line for line in lines.lines):
+                raise OSError(code, os.strerror(code), path) from e
+        raise
+    finally:
+        logger.removeHandler(lines)
 
 
 class _single_rank_model:
@@ -222,12 +256,13 @@ class _single_rank_model:
 
 # --- reading ---------------------------------------------------------------------------------------------------
 
-def read_args(root: str, iteration: Optional[int] = None) -> Tuple[str, str, argparse.Namespace]:
-    """``(iteration directory, format, saved args)`` of a Megatron-LM checkpoint."""
+def read_args(root: str, iteration: Optional[int] = None,
+              allow_pickle: bool = False) -> Tuple[str, str, argparse.Namespace]:
+    """``(iteration directory, format, saved args)`` of a Megatron-LM checkpoint (torch_dist needs ``allow_pickle``)."""
     from megatron_harpe.training.checkpoint import checkpoint_format, iteration_dir, load_checkpoint_args
 
     path = iteration_dir(root, iteration)
-    return path, checkpoint_format(path), load_checkpoint_args(root, iteration)
+    return path, checkpoint_format(path), load_checkpoint_args(root, iteration, allow_pickle=allow_pickle)
 
 
 def torch_rank_files(path: str, tp: int, pp: int) -> Dict[Tuple[int, int], str]:
@@ -246,14 +281,17 @@ def torch_rank_files(path: str, tp: int, pp: int) -> Dict[Tuple[int, int], str]:
     return files
 
 
-def megatron_full_tensors(path: str, fmt: str, args: argparse.Namespace) -> Iterator[Tuple[str, torch.Tensor]]:
+def megatron_full_tensors(path: str, fmt: str, args: argparse.Namespace,
+                          allow_pickle: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
     """``(TP=1/PP=1 megatron name, full tensor)`` stage by stage: ``torch`` files are memory-mapped and merged
-    across TP one stage at a time; ``torch_dist`` is loaded into a TP=1 model (the whole model in memory)."""
-    if fmt == "torch_dist":
-        from megatron.core import dist_checkpointing
+    across TP one stage at a time; ``torch_dist`` is loaded into a TP=1 model (the whole model in memory).
+    Nothing is unpickled beyond tensors and Megatron's own types without ``allow_pickle`` (torch_dist needs it)."""
+    from megatron_harpe.training.checkpoint import load_torch_dist, load_torch_file, require_pickle_opt_in
 
+    if fmt == "torch_dist":
+        require_pickle_opt_in(path, allow_pickle)
         with _single_rank_model(args, DTYPES[run_dtype(args)]) as model:
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, path)["model"]
+            loaded = load_torch_dist({"model": model.sharded_state_dict()}, path, allow_pickle)["model"]
             model.load_state_dict(loaded, strict=False)
             for name, tensor in model.state_dict().items():
                 if not name.endswith("_extra_state"):
@@ -262,8 +300,7 @@ def megatron_full_tensors(path: str, fmt: str, args: argparse.Namespace) -> Iter
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     files = torch_rank_files(path, tp, pp)
     for pp_rank in range(pp):
-        ranks = [torch.load(files[tp_rank, pp_rank], map_location="cpu", mmap=True, weights_only=False)["model"]
-                 for tp_rank in range(tp)]
+        ranks = [load_torch_file(files[tp_rank, pp_rank], allow_pickle, mmap=True)["model"] for tp_rank in range(tp)]
         first_layer = stage_layers(args.num_layers, pp, pp_rank).start
         for key in ranks[0]:
             if key.endswith("_extra_state"):

@@ -52,12 +52,22 @@ class MixtureSpec:
 
     @classmethod
     def from_json(cls, path: str) -> "MixtureSpec":
-        with open(path) as f:
-            raw = json.load(f)
+        """A spec file; its ``weights`` override the defaults source by source, like ``--weight``."""
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise MixtureError(f"{path}: not a JSON mixture spec ({e})") from None
+        if not isinstance(raw, dict):
+            raise MixtureError(f"{path}: not a JSON mixture spec (a JSON {type(raw).__name__}, not an object)")
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise MixtureError(f"{path}: unknown spec field(s) {sorted(unknown)}; known: "
                                f"{sorted(cls.__dataclass_fields__)}")
+        if "weights" in raw:
+            if not isinstance(raw["weights"], dict):
+                raise MixtureError(f"{path}: weights must be an object {{source: weight}}")
+            raw["weights"] = with_weights(FU_ET_AL_WEIGHTS, raw["weights"].items(), f"{path} weights")
         return cls(**raw)
 
     def validate(self) -> None:
@@ -68,6 +78,31 @@ class MixtureSpec:
                                f"{self.sequence_length} tokens")
         if any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) <= 0:
             raise MixtureError(f"source weights must be non-negative with a positive sum, got {self.weights}")
+
+
+def with_weights(defaults: Dict[str, float], given, where: str) -> Dict[str, float]:
+    """``defaults`` with each given ``(name, weight)`` replacing only its own source's weight (names canonical)."""
+    weights = {canonical_source(n): w for n, w in defaults.items()}
+    seen: Dict[str, str] = {}
+    for name, value in given:
+        source = canonical_source(name)
+        if source in seen:
+            raise MixtureError(f"{where}: {seen[source]} and {name} both name source {source}: give it once")
+        try:
+            weights[source] = float(value)
+        except (TypeError, ValueError):
+            raise MixtureError(f"{where}: {name}={value!r} is not a number") from None
+        seen[source] = name
+    return weights
+
+
+def check_weighted_sources(weighted: List[str], sources: List[str]) -> None:
+    """Every ``--weight`` names a ``--source``: a weight for an absent one would be silently unused."""
+    given = {canonical_source(n) for n in sources}
+    absent = [n for n in weighted if canonical_source(n) not in given]
+    if absent:
+        raise MixtureError(f"--weight {absent[0]}=...: no --source {absent[0]}; the sources given are "
+                           f"{', '.join(sources)} (RedPajama names and aliases such as books, wiki, cc match too)")
 
 
 @dataclass
@@ -277,7 +312,8 @@ def build_parser():
     p.add_argument("--spec", help="JSON file with any of: weights, long_threshold, short_keep_probability, "
                                   "target_tokens, sequence_length, seed (flags override it)")
     p.add_argument("--weight", action="append", default=[], metavar="NAME=W",
-                   help="a source's share (default: SlimPajama's, as Fu et al.); repeat")
+                   help="a source's share, replacing only that source's default (SlimPajama's, as Fu et al.); "
+                        "weights are renormalized over the sources given; repeat")
     p.add_argument("--long-threshold", type=int, help="documents this long (tokens) are all kept (default 4096)")
     p.add_argument("--short-keep-probability", type=float, help="shorter documents are kept with this (default 0.1)")
     p.add_argument("--target-tokens", type=float, help="mixture size (default: no kept document repeated)")
@@ -292,8 +328,7 @@ def build_parser():
 
 def spec_from_args(args) -> MixtureSpec:
     spec = MixtureSpec.from_json(args.spec) if args.spec else MixtureSpec()
-    if args.weight:
-        spec.weights = {name: float(value) for name, value in map(_name_value, args.weight)}
+    spec.weights = with_weights(spec.weights, map(_name_value, args.weight), "--weight")
     for flag, attr in (("long_threshold", "long_threshold"), ("short_keep_probability", "short_keep_probability"),
                        ("seq_length", "sequence_length"), ("seed", "seed")):
         if getattr(args, flag) is not None:
@@ -306,14 +341,19 @@ def spec_from_args(args) -> MixtureSpec:
 def main(argv=None) -> int:
     import sys
 
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # one line per dataset opened otherwise
     args = build_parser().parse_args(argv)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset  # after parse_args: --help stays light
+
     try:
         spec = spec_from_args(args)
         sources = dict(map(_name_value, args.source))
+        if len(sources) < len(args.source):
+            names = [name for name, _ in map(_name_value, args.source)]
+            raise MixtureError(f"--source {next(n for n in names if names.count(n) > 1)} is given twice: "
+                               "give each source once")
+        check_weighted_sources([name for name, _ in map(_name_value, args.weight)], list(sources))
         for name, prefix in sources.items():
             if not IndexedDataset.exists(prefix):
                 raise MixtureError(f"source {name}: no {prefix}.bin/.idx (give the prefix tools/preprocess_data.py "

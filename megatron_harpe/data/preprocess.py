@@ -38,11 +38,12 @@ class PreprocessError(RuntimeError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Megatron-LM's ``tools/preprocess_data.py`` flags (its tokenizer flags verbatim), plus ours."""
-    from megatron.training.arguments import _add_tokenizer_args
+    """Megatron-LM's ``tools/preprocess_data.py`` flags (its tokenizer flags, mirrored without importing megatron),
+    plus ours."""
+    from megatron_harpe.data.tokenizer import add_megatron_tokenizer_args
 
     parser = argparse.ArgumentParser(description="Tokenize JSONL (or plain text) into Megatron .bin/.idx datasets.")
-    parser = _add_tokenizer_args(parser)
+    parser = add_megatron_tokenizer_args(parser)
     group = parser.add_argument_group(title="input data")
     group.add_argument("--input", required=True,
                        help="JSON lines (.jsonl/.json, gzipped too), plain-text files (one document each), a glob "
@@ -256,6 +257,7 @@ def preprocess(args: argparse.Namespace, progress: bool = True) -> PreprocessRes
                     tokens[key] += len(encoded.tokens)
                     sequences[key] += len(encoded.sequence_lengths)
                 bar.update(chunk.nbytes)
+        _refuse_empty(args.input, documents, tokens, len(bad))
         for key, builder in builders.items():
             builder.finalize(staged[get_idx_path(prefixes[key])])
     for path, line, reason in bad[:5]:
@@ -263,6 +265,17 @@ def preprocess(args: argparse.Namespace, progress: bool = True) -> PreprocessRes
     return PreprocessResult(outputs=prefixes, documents=documents, tokens=tokens, sequences=sequences,
                             bad_lines=len(bad), seconds=time.perf_counter() - start, encoder=encoder_name,
                             splitter=splitter_name)
+
+
+def _refuse_empty(source: str, documents: int, tokens: Dict[str, int], skipped: int) -> None:
+    """A dataset without a token trains on nothing (Megatron fails much later, far from the cause): refuse it."""
+    if documents == 0:
+        raise PreprocessError(f"--input {source}: no documents (the input is empty or only blank lines"
+                              + (f"; {skipped} bad line(s) skipped" if skipped else "") + "). Nothing was written")
+    empty = [key for key, count in tokens.items() if count == 0]
+    if empty:
+        raise PreprocessError(f"--input {source}: {', '.join(map(repr, empty))} is empty text in all {documents} "
+                              "document(s). Nothing was written: check the input and --json-keys")
 
 
 def _write_documents(builder, encoded: EncodedKey) -> None:

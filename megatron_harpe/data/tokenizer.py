@@ -29,6 +29,75 @@ LLAMA2_LIKE_SPM = dict(
 )
 
 
+# Megatron-LM tokenizer types that read --tokenizer-model as a sentencepiece model.
+SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used; the message names it and says what to give instead."""
+
+
+def load_sentencepiece(path: str):
+    """``sentencepiece.SentencePieceProcessor`` of ``path``, or one error line naming the file (not a traceback)."""
+    import sentencepiece
+
+    if not os.path.isfile(path):
+        raise TokenizerError(f"{path}: no such file: give a sentencepiece model (Llama-2's tokenizer.model)")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise TokenizerError(f"{path}: not a sentencepiece model ({e}): give a sentencepiece model file such as "
+                             "Llama-2's tokenizer.model") from None
+
+
+MEGATRON_TOKENIZER_TYPES = ("BertWordPieceLowerCase", "BertWordPieceCase", "GPT2BPETokenizer", "SentencePieceTokenizer",
+                            "GPTSentencePieceTokenizer", "HuggingFaceTokenizer", "Llama2Tokenizer", "TikTokenizer",
+                            "MultimodalTokenizer", "NullTokenizer", "NullMultimodalTokenizer", "SFTTokenizer")
+
+
+def add_megatron_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM's tokenizer flags (``megatron.training.arguments._add_tokenizer_args``), declared here so that
+    ``--help`` needs no megatron import; ``tests/data/test_tokenizer.py`` keeps them equal to megatron's."""
+    g = parser.add_argument_group(title="tokenizer")
+    g.add_argument("--vocab-size", type=int, default=None, help="Size of vocab before EOD or padding.")
+    g.add_argument("--padded-vocab-size", type=int, default=None,
+                   help="Vocabulary size of the model (padded to be divisible by tensor model parallel size).")
+    g.add_argument("--no-pad-vocab-size", "--disable-pad-vocab-size", action="store_false", dest="pad_vocab_size",
+                   help="Do not pad the vocab size when --padded-vocab-size is not given.")
+    g.add_argument("--vocab-file", type=str, default=None, help="Path to the vocab file.")
+    g.add_argument("--merge-file", type=str, default=None, help="Path to the BPE merge file.")
+    g.add_argument("--vocab-extra-ids", type=int, default=0, help="Number of additional vocabulary tokens (T5).")
+    g.add_argument("--tokenizer-type", type=str, default=None, choices=MEGATRON_TOKENIZER_TYPES,
+                   help="What type of tokenizer to use.")
+    g.add_argument("--tokenizer-model", type=str, default=None, help="Path to the tokenizer model.")
+    g.add_argument("--tokenizer-metadata", type=str, default=None, dest="metadata_path",
+                   help="Path to the tokenizer metadata file in json format.")
+    g.add_argument("--tokenizer-special-tokens", type=str, nargs="+", default=None, dest="special_tokens",
+                   help="List of special tokens.")
+    g.add_argument("--tiktoken-pattern", type=str, default=None, choices=["v1", "v2"],
+                   help="Which tiktoken pattern to use.")
+    g.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                   help="Number of special tokens in tiktoken tokenizer.")
+    g.add_argument("--tokenizer-sentencepiece-legacy", action="store_true",
+                   help="SentencePiece tokenizer wrapper legacy behavior. Allows special tokens usage.")
+    g.add_argument("--no-tokenizer-sentencepiece-ignore-extra-whitespaces",
+                   "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces", action="store_false",
+                   dest="tokenizer_sentencepiece_ignore_extra_whitespaces",
+                   help="Keep extra whitespaces in the input text while encoding.")
+    g.add_argument("--tokenizer-hf-no-use-fast", action="store_true", help="Use the slow HuggingFace tokenizer.")
+    g.add_argument("--tokenizer-hf-no-include-special-tokens", action="store_true",
+                   help="Converting text to ids will not include special tokens for HuggingFace tokenizer.")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="Allow a HuggingFaceTokenizer's PreTrainedTokenizer to execute remote code.")
+    g.add_argument("--null-tokenizer-eod-id", type=int, default=None,
+                   help="EOD token id for NullTokenizer. Defaults to `vocab_size - 1`.")
+    g.add_argument("--null-tokenizer-pad-id", type=int, default=-1,
+                   help="Pad token id for NullTokenizer. Defaults to -1 (no pad token).")
+    g.add_argument("--chat-template", type=str, default=None,
+                   help="Custom chat template in jinja format for conversation formatting.")
+    return parser
+
+
 def tokenizer_namespace(tokenizer_type: str, tokenizer_model: Optional[str] = None, **overrides) -> argparse.Namespace:
     """Megatron-LM's tokenizer flags at their defaults, plus what its preprocess_data.py sets by hand."""
     from megatron.training.arguments import _add_tokenizer_args
@@ -55,6 +124,8 @@ def build_tokenizer(args: argparse.Namespace):
     if model is not None and not os.path.exists(model):
         raise FileNotFoundError(f"--tokenizer-model {model} does not exist: give the tokenizer model file "
                                 "(Llama-2's tokenizer.model)")
+    if model is not None and args.tokenizer_type in SENTENCEPIECE_TYPES:
+        load_sentencepiece(model)  # megatron's loader would fail deep inside sentencepiece, with a traceback
     return megatron_build_tokenizer(args)
 
 

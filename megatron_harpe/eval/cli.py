@@ -1,13 +1,16 @@
-"""The commands behind tools/eval_*.py."""
+"""The commands behind tools/eval_*.py.
+
+Only argparse at import, so ``--help`` loads neither torch nor megatron. Outputs already in
+``--out`` are refused before the model loads (minutes), unless ``--force``; an unfinished grid with the same settings
+resumes instead. Files appear complete or not at all.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import List, Optional
-
-import numpy as np
+from typing import List, Optional, Sequence
 
 
 def _floats(text: str) -> List[float]:
@@ -29,6 +32,35 @@ def _common_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--lengths", type=_ints, default=list(PAPER_LENGTHS), help="context lengths in tokens")
+    p.add_argument("--force", action="store_true",
+                   help="replace result files already in --out (without it they are refused; an unfinished run with "
+                        "the same settings resumes)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the Python files of a model folder whose config.json has an auto_map (not needed for a "
+                        "plain Llama or for tools/convert_megatron_to_hf.py's HARPE export, recognised by its files)")
+
+
+# What a refused run raises: OSError (missing, unreadable or existing files), ValueError (the eval modules' errors:
+# ResultsError, ModelLoadError, bad settings). Each is printed as one line.
+_ERRORS = (OSError, ValueError)
+
+
+def _fail(error: Exception) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
+def _check_out_dir(out: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out {out} is a file: give a directory for the results")
+
+
+def _refuse_existing(paths: Sequence[str], force: bool) -> None:
+    from megatron_harpe.outputs import OutputExistsError
+
+    for path in paths:
+        if os.path.exists(path) and not force:
+            raise OutputExistsError(f"{path} exists: choose another --out or pass --force to replace it")
 
 
 def _print_grid(grid, lengths, rows, row_label) -> None:
@@ -38,11 +70,6 @@ def _print_grid(grid, lengths, rows, row_label) -> None:
 
 
 def eval_niah(argv: Optional[List[str]] = None) -> int:
-    from megatron_harpe.eval.grid import score_grid
-    from megatron_harpe.eval.model import load_eval_model
-    from megatron_harpe.eval.niah import NiahSettings, run_niah
-    from megatron_harpe.plots import plot_niah_heatmap
-
     p = argparse.ArgumentParser(description="Needle-in-a-Haystack grid (length x depth) on a Hugging Face model.")
     _common_args(p, "results directory (niah.json, niah.png); an unfinished run resumes")
     p.add_argument("--depths", type=_floats, default=[round(i / 10, 1) for i in range(11)])
@@ -70,42 +97,84 @@ def eval_niah(argv: Optional[List[str]] = None) -> int:
         p.error("--lengths and --depths need values; depths are fractions in [0, 1]")
     if args.suite == "ruler":
         return _eval_ruler(args)
+    from dataclasses import asdict
+
+    from megatron_harpe.eval.grid import score_grid, start_results
+    from megatron_harpe.eval.niah import NiahSettings
+
+    settings = NiahSettings(lengths=args.lengths, depths=args.depths, style=args.needle_style,
+                            needle=list(custom) if all(custom) else None, haystack_file=args.haystack_file,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    results_path, png = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
     try:
-        model = load_eval_model(args.model, args.device, args.dtype)
-        settings = NiahSettings(lengths=args.lengths, depths=args.depths, style=args.needle_style,
-                                needle=list(custom) if all(custom) else None, haystack_file=args.haystack_file,
-                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        results = run_niah(model, settings, os.path.join(args.out, "niah.json"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    grid = score_grid(results, args.lengths, args.depths)
-    png = plot_niah_heatmap(grid, args.lengths, args.depths, os.path.join(args.out, "niah.png"),
-                            title=f"NIAH ({args.needle_style}) {os.path.basename(os.path.normpath(args.model))}")
+        _check_out_dir(args.out)
+        previous = start_results(results_path, asdict(settings), "eval_niah", args.force)
+        replace_picture = args.force or _is_own_picture(png, previous)
+        _refuse_existing([png], replace_picture)
+        from megatron_harpe.eval.model import load_eval_model
+        from megatron_harpe.eval.niah import run_niah
+
+        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
+        results = run_niah(model, settings, results_path, force=args.force)
+        grid = score_grid(results, args.lengths, args.depths)
+        _write_heatmap(results, results_path, grid, args, png, replace_picture)
+    except _ERRORS as e:
+        return _fail(e)
     _print_grid(grid, args.lengths, [f"{100 * d:.0f}%" for d in args.depths], "depth/length")
-    print(f"mean score {results['mean_score']:.3f}; wrote {os.path.join(args.out, 'niah.json')} and {png}")
+    print(f"mean score {results['mean_score']:.3f}; wrote {results_path} and {png}")
     return 0
 
 
+def _sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _is_own_picture(png: str, results: dict) -> bool:
+    """Whether ``png`` is the heatmap this run's results file recorded (a rerun may redraw it without --force)."""
+    return os.path.isfile(png) and results.get("picture_sha256") == _sha256(png)
+
+
+def _write_heatmap(results: dict, results_path: str, grid, args, png: str, replace: bool) -> None:
+    """The heatmap, its digest recorded in the results (so a rerun knows the picture is its own), then the rename."""
+    from megatron_harpe.eval.grid import write_json
+    from megatron_harpe.outputs import atomic_output_files
+    from megatron_harpe.plots import plot_niah_heatmap
+
+    with atomic_output_files([png], force=replace) as staged:
+        plot_niah_heatmap(grid, args.lengths, args.depths, staged[png],
+                          title=f"NIAH ({args.needle_style}) {os.path.basename(os.path.normpath(args.model))}")
+        results["picture_sha256"] = _sha256(staged[png])
+        write_json(results, results_path)
+
+
 def _eval_ruler(args) -> int:
-    from megatron_harpe.eval.model import load_eval_model
-    from megatron_harpe.eval.niah import haystack_from_file
-    from megatron_harpe.eval.ruler import PAPER_TABLE_4, TASKS, run_ruler, table
+    from megatron_harpe.eval.grid import start_results
+    from megatron_harpe.eval.ruler import PAPER_TABLE_4, TASKS, results_file, ruler_settings, run_ruler, table
 
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or args.samples < 1:
         print(f"error: unknown task(s) {unknown} (choose from {', '.join(TASKS)}) or --samples < 1", file=sys.stderr)
         return 2
+    max_new_tokens = max(args.max_new_tokens, 64)
     try:
-        model = load_eval_model(args.model, args.device, args.dtype)
+        _check_out_dir(args.out)
+        for task in tasks:
+            start_results(results_file(args.out, task),
+                          ruler_settings(task, args.lengths, args.samples, max_new_tokens, 0, bool(args.haystack_file)),
+                          "eval_niah --suite ruler", args.force)
+        from megatron_harpe.eval.model import load_eval_model
+        from megatron_harpe.eval.niah import haystack_from_file
+
         haystack = haystack_from_file(args.haystack_file) if args.haystack_file else None
-        results = run_ruler(model, tasks, args.lengths, args.samples, args.out,
-                            max_new_tokens=max(args.max_new_tokens, 64), batch_size=args.batch_size,
-                            haystack_text=haystack)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
+        results = run_ruler(model, tasks, args.lengths, args.samples, args.out, max_new_tokens=max_new_tokens,
+                            batch_size=args.batch_size, haystack_text=haystack, force=args.force)
+    except _ERRORS as e:
+        return _fail(e)
     rows, grid = table(results, args.lengths)
     _print_grid(grid, args.lengths, rows, "task/length")
     print(f"RULER NIAH average over lengths: {grid[-1].mean():.2f} (paper's Table 4, Llama-2-7B at 4k-128k: "
@@ -114,9 +183,6 @@ def _eval_ruler(args) -> int:
 
 
 def eval_passkey(argv: Optional[List[str]] = None) -> int:
-    from megatron_harpe.eval.model import load_eval_model
-    from megatron_harpe.eval.niah import PasskeySettings, run_passkey
-
     p = argparse.ArgumentParser(description="Passkey retrieval accuracy by context length on a Hugging Face model.")
     _common_args(p, "results directory (passkey.json); an unfinished run resumes")
     p.add_argument("--trials", type=int, default=5, help="pass keys per length, at evenly spaced depths")
@@ -124,14 +190,23 @@ def eval_passkey(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.trials < 1 or not args.lengths:
         p.error("--trials >= 1 and at least one length")
+    from dataclasses import asdict
+
+    from megatron_harpe.eval.grid import start_results
+    from megatron_harpe.eval.niah import PasskeySettings
+
+    settings = PasskeySettings(lengths=args.lengths, trials=args.trials, batch_size=args.batch_size)
+    results_path = os.path.join(args.out, "passkey.json")
     try:
-        model = load_eval_model(args.model, args.device, args.dtype)
-        results = run_passkey(model, PasskeySettings(lengths=args.lengths, trials=args.trials,
-                                                     batch_size=args.batch_size),
-                              os.path.join(args.out, "passkey.json"))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        _check_out_dir(args.out)
+        start_results(results_path, asdict(settings), "eval_passkey", args.force)
+        from megatron_harpe.eval.model import load_eval_model
+        from megatron_harpe.eval.niah import run_passkey
+
+        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
+        results = run_passkey(model, settings, results_path, force=args.force)
+    except _ERRORS as e:
+        return _fail(e)
     for length, accuracy in results["mean_by_length"].items():
         print(f"{int(length):>8} tokens: passkey accuracy {accuracy:.2f}")
     print(f"mean {results['mean_score']:.3f}; wrote {os.path.join(args.out, 'passkey.json')}")
@@ -139,19 +214,25 @@ def eval_passkey(argv: Optional[List[str]] = None) -> int:
 
 
 def eval_perplexity(argv: Optional[List[str]] = None) -> int:
-    import json
-
-    from megatron_harpe.data.synthetic import FillerText
-    from megatron_harpe.eval.model import load_eval_model
-    from megatron_harpe.eval.perplexity import sliding_window_perplexity
-
     p = argparse.ArgumentParser(description="Sliding-window perplexity (stride 256) at growing context lengths.")
     _common_args(p, "results directory (perplexity.json)")
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--text-file", help="text to score (default: synthetic filler, 2x the longest length)")
     args = p.parse_args(argv)
+    if not args.lengths or args.stride < 1:
+        p.error("at least one length, and --stride >= 1")
+    import json
+
+    results_path = os.path.join(args.out, "perplexity.json")
     try:
-        model = load_eval_model(args.model, args.device, args.dtype)
+        _check_out_dir(args.out)
+        _refuse_existing([results_path], args.force)
+        from megatron_harpe.data.synthetic import FillerText
+        from megatron_harpe.eval.model import load_eval_model
+        from megatron_harpe.eval.perplexity import sliding_window_perplexity
+        from megatron_harpe.outputs import atomic_output_files
+
+        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
         if args.text_file:
             with open(args.text_file, encoding="utf-8") as f:
                 ids = model.encode(f.read())
@@ -161,12 +242,11 @@ def eval_perplexity(argv: Optional[List[str]] = None) -> int:
                 ids += model.encode(filler.paragraph())
         ids = [model.bos_id] + ids
         table = {str(L): sliding_window_perplexity(model, ids, L, args.stride) for L in args.lengths}
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "perplexity.json"), "w") as f:
-        json.dump({"stride": args.stride, "tokens": len(ids), "perplexity": table}, f, indent=1)
+        with atomic_output_files([results_path], force=args.force) as staged:
+            with open(staged[results_path], "w") as f:
+                json.dump({"stride": args.stride, "tokens": len(ids), "perplexity": table}, f, indent=1)
+    except _ERRORS as e:
+        return _fail(e)
     for length, value in table.items():
         print(f"{int(length):>8} tokens of context: perplexity {value:.3f}")
     print(f"wrote {os.path.join(args.out, 'perplexity.json')} ({len(ids)} tokens scored, stride {args.stride})")
@@ -174,72 +254,84 @@ def eval_perplexity(argv: Optional[List[str]] = None) -> int:
 
 
 def compare_niah(argv: Optional[List[str]] = None) -> int:
-    import json
-
-    from megatron_harpe.eval.grid import score_grid
-    from megatron_harpe.plots import plot_niah_comparison
-
     p = argparse.ArgumentParser(description="Two NIAH results (say HARPE and ABF) side by side, and their difference.")
     p.add_argument("results", nargs=2, help="two niah.json files from tools/eval_niah.py")
     p.add_argument("--labels", nargs=2, default=["A", "B"])
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
+    import numpy as np
+
+    from megatron_harpe.eval.grid import score_grid
+    from megatron_harpe.outputs import atomic_output_files
+    from megatron_harpe.plots import plot_niah_comparison
+
     try:
-        if os.path.exists(args.out) and not args.force:
-            raise ValueError(f"{args.out} exists: choose another --out or pass --force")
-        loaded = []
-        for path in args.results:
-            with open(path) as f:
-                loaded.append(json.load(f))
+        if os.path.isdir(args.out):
+            raise IsADirectoryError(f"--out {args.out} is a directory: give the PNG file to write")
+        _refuse_existing([args.out], args.force)
+        loaded = [_read_niah_results(path) for path in args.results]
         axes = [(r["settings"]["lengths"], r["settings"]["depths"]) for r in loaded]
         if axes[0] != axes[1]:
             raise ValueError("the two results cover different lengths or depths: evaluate both on the same grid")
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    lengths, depths = axes[0]
-    grids = [score_grid(r, lengths, depths) for r in loaded]
-    plot_niah_comparison(grids, args.labels, lengths, depths, args.out)
+        lengths, depths = axes[0]
+        grids = [score_grid(r, lengths, depths) for r in loaded]
+        with atomic_output_files([args.out], force=args.force) as staged:
+            plot_niah_comparison(grids, args.labels, lengths, depths, staged[args.out])
+    except _ERRORS as e:
+        return _fail(e)
     for label, grid in zip(args.labels, grids):
         print(f"{label}: mean {float(np.nanmean(grid)):.3f}")
     print(f"wrote {args.out}")
     return 0
 
 
+def _read_niah_results(path: str) -> dict:
+    """A classic-suite niah.json: its settings name the grid and every cell lies on it."""
+    from megatron_harpe.eval.grid import ResultsError, read_results
+
+    hint = "give a niah.json written by tools/eval_niah.py"
+    results = read_results(path, "eval_niah", hint)
+    settings = results["settings"]
+    lengths, depths = settings.get("lengths"), settings.get("depths")
+    if not isinstance(lengths, list) or not isinstance(depths, list):
+        raise ResultsError(f"{path}: not a results JSON written by eval_niah (its settings have no lengths and "
+                           f"depths: a passkey or RULER file?): {hint}")
+    off_grid = [key for key, cell in results["cells"].items()
+                if cell["length"] not in lengths or cell["coordinate"] not in depths]
+    if off_grid:
+        raise ResultsError(f"{path}: not a results JSON written by eval_niah (cell {off_grid[0]!r} is off its "
+                           f"lengths x depths grid): {hint}")
+    return results
+
+
 def plot_harpe_bases(argv: Optional[List[str]] = None) -> int:
-    from megatron_harpe.bases import PAPER_LLAMA2_7B_BASES, STRATEGIES, parse_bases, select_bases
-    from megatron_harpe.plots import plot_bases
+    from megatron_harpe.bases_cli import add_base_source_arguments, bases_from_arguments
 
     p = argparse.ArgumentParser(description="HARPE bases and their attention waveforms, per head and averaged, "
                                             "against single-base ABF.")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--bases", help="a list ('1e6,2.5e6,...') or a preset (paper-llama2-7b); default: the paper's")
-    src.add_argument("--strategy", choices=STRATEGIES)
-    p.add_argument("--num-bases", type=int, default=32)
-    p.add_argument("--base-min", type=float, default=1e6)
-    p.add_argument("--base-max", type=float, default=5e6)
-    p.add_argument("--stride", type=float, default=30000)
+    add_base_source_arguments(p, default="the paper's list (paper-llama2-7b)")
     p.add_argument("--abf-base", type=float, default=5e6, help="the single-base ABF baseline drawn for comparison")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--target-length", type=int, default=131072)
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
+    from megatron_harpe.bases import PAPER_LLAMA2_7B_BASES
+    from megatron_harpe.plots import plot_bases
+
     try:
         if os.path.exists(args.out) and not args.force:
             raise ValueError(f"{args.out} exists: choose another --out or pass --force")
-        if args.strategy:
-            bases = select_bases(args.num_bases, args.strategy, args.base_min, args.base_max, head_dim=args.head_dim,
-                                 target_length=args.target_length, stride=args.stride)
-        else:
-            bases = parse_bases(args.bases or "paper-llama2-7b")
+        bases = bases_from_arguments(args, default_bases="paper-llama2-7b")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tmp = args.out + ".partial.png"
-    plot_bases(bases, tmp, head_dim=args.head_dim, target_length=args.target_length, single_base=args.abf_base,
-               compare=PAPER_LLAMA2_7B_BASES if len(bases) == len(PAPER_LLAMA2_7B_BASES) else None)
-    os.replace(tmp, args.out)
+    from megatron_harpe.outputs import atomic_output_files
+
+    with atomic_output_files([args.out], force=args.force) as staged:
+        plot_bases(bases, staged[args.out], head_dim=args.head_dim, target_length=args.target_length,
+                   single_base=args.abf_base,
+                   compare=PAPER_LLAMA2_7B_BASES if len(bases) == len(PAPER_LLAMA2_7B_BASES) else None)
     print(f"{len(bases)} bases from {min(bases):.4g} to {max(bases):.4g}; wrote {args.out}")
     return 0

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import numpy as np
 
 from megatron_harpe.data.synthetic import needle_sample, passkey_sample
 from megatron_harpe.eval.grid import run_grid
-from megatron_harpe.eval.model import EvalModel
 from megatron_harpe.eval.scoring import passkey_score, string_match_all
+
+if TYPE_CHECKING:  # the settings are built, and old results checked, before torch loads
+    from megatron_harpe.eval.model import EvalModel
 
 
 @dataclass
@@ -40,7 +42,8 @@ def haystack_from_file(path: str) -> Callable[[], str]:
     return lambda: next(cycle)
 
 
-def run_niah(model: EvalModel, settings: NiahSettings, results_path: str, progress: bool = True) -> dict:
+def run_niah(model: EvalModel, settings: NiahSettings, results_path: str, progress: bool = True,
+             force: bool = False) -> dict:
     haystack = haystack_from_file(settings.haystack_file) if settings.haystack_file else None
     needle = tuple(settings.needle) if settings.needle else None
 
@@ -51,7 +54,7 @@ def run_niah(model: EvalModel, settings: NiahSettings, results_path: str, progre
 
     return run_grid(model, asdict(settings), settings.lengths, settings.depths, make, string_match_all, results_path,
                     batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, desc="needle-in-a-haystack",
-                    progress=progress)
+                    progress=progress, tool="eval_niah", force=force)
 
 
 @dataclass
@@ -63,7 +66,8 @@ class PasskeySettings:
     seed: int = 0
 
 
-def run_passkey(model: EvalModel, settings: PasskeySettings, results_path: str, progress: bool = True) -> dict:
+def run_passkey(model: EvalModel, settings: PasskeySettings, results_path: str, progress: bool = True,
+                force: bool = False) -> dict:
     depths = list(np.linspace(0.0, 1.0, settings.trials).round(4)) if settings.trials > 1 else [0.5]
 
     def make(length, depth):
@@ -73,4 +77,4 @@ def run_passkey(model: EvalModel, settings: PasskeySettings, results_path: str, 
 
     return run_grid(model, asdict(settings), settings.lengths, depths, make, passkey_score, results_path,
                     batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, desc="passkey",
-                    progress=progress)
+                    progress=progress, tool="eval_passkey", force=force)

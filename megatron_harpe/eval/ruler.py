@@ -113,12 +113,23 @@ def table(results: dict, lengths: List[int]) -> Tuple[List[str], np.ndarray]:
     return tasks + ["average"], np.vstack([grid, grid.mean(axis=0, keepdims=True)])
 
 
-def run_ruler(model, tasks: List[str], lengths: List[int], samples: int, out_dir: str, *, max_new_tokens: int = 64,
-              batch_size: int = 1, haystack_text: Optional[Callable[[], str]] = None, seed: int = 0,
-              progress: bool = True) -> dict:
-    """Every task at every length, ``samples`` samples each, on the resumable grid; ``{task: results}``."""
+def ruler_settings(task: str, lengths: List[int], samples: int, max_new_tokens: int, seed: int,
+                   haystack_from_file: bool) -> dict:
+    """What a task's results file records (and a resumed run must match)."""
+    return {"suite": "ruler", "task": task, "lengths": list(lengths), "samples": samples,
+            "max_new_tokens": max_new_tokens, "seed": seed, "haystack": "file" if haystack_from_file else "synthetic"}
+
+
+def results_file(out_dir: str, task: str) -> str:
     import os
 
+    return os.path.join(out_dir, f"ruler_{task}.json")
+
+
+def run_ruler(model, tasks: List[str], lengths: List[int], samples: int, out_dir: str, *, max_new_tokens: int = 64,
+              batch_size: int = 1, haystack_text: Optional[Callable[[], str]] = None, seed: int = 0,
+              progress: bool = True, force: bool = False) -> dict:
+    """Every task at every length, ``samples`` samples each, on the resumable grid; ``{task: results}``."""
     from megatron_harpe.eval.grid import run_grid
     from megatron_harpe.eval.scoring import string_match_all
 
@@ -130,9 +141,9 @@ def run_ruler(model, tasks: List[str], lengths: List[int], samples: int, out_dir
                                            .generate_state(1)[0]), haystack_text=haystack_text)
             return sample.input_ids, sample.answers, {}
 
-        settings = {"suite": "ruler", "task": task, "lengths": list(lengths), "samples": samples,
-                    "max_new_tokens": max_new_tokens, "seed": seed, "haystack": "file" if haystack_text else "synthetic"}
+        settings = ruler_settings(task, lengths, samples, max_new_tokens, seed, haystack_text is not None)
         results[task] = run_grid(model, settings, lengths, list(range(samples)), make, string_match_all,
-                                 os.path.join(out_dir, f"ruler_{task}.json"), batch_size=batch_size,
-                                 max_new_tokens=max_new_tokens, desc=f"RULER {task}", progress=progress)
+                                 results_file(out_dir, task), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 desc=f"RULER {task}", progress=progress, tool="eval_niah --suite ruler",
+                                 force=force)
     return results

@@ -7,9 +7,29 @@ table of its group, as megatron-harpe trains it. Load with
 """
 
 import torch
+import transformers
 from torch import nn
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (
+
+# The attention below is transformers 5.24's: ``AttentionInterface.get_interface`` and the ``cache=`` argument
+# (5.0-5.23 pass ``past_key_values=``, which this code would silently not update: generation would go wrong).
+NEEDS_TRANSFORMERS = (5, 24)
+
+
+def _require_transformers() -> None:
+    version = transformers.__version__
+    try:
+        found = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:  # a development version: trust it
+        return
+    if found < NEEDS_TRANSFORMERS:
+        raise ImportError(f"this HARPE Llama model needs transformers>=5.24,<6 (found {version}): "
+                          "pip install 'transformers>=5.24,<6'")
+
+
+_require_transformers()
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
+from transformers.models.llama.modeling_llama import (  # noqa: E402
     LlamaAttention,
     LlamaForCausalLM,
     LlamaModel,
@@ -17,7 +37,7 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 
-from .configuration_harpe_llama import HarpeLlamaConfig
+from .configuration_harpe_llama import HarpeLlamaConfig  # noqa: E402
 
 
 class HarpeLlamaRotaryEmbedding(nn.Module):

@@ -19,7 +19,8 @@ TOKENS_PER_STEP = 4 * 1024 * 1024
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="List the parallel layouts (TP, PP, CP, DP) and recompute settings that fit a Llama model at a "
-                    "sequence length on N GPUs, with memory per GPU and communication per iteration, best first.")
+                    "sequence length on N GPUs, with memory per GPU and communication per iteration, best first.",
+        allow_abbrev=False)  # --emit must not pass for --emit-env: its failures are told apart before parsing
     p.add_argument("--model", required=True, help=f"{', '.join(PRESETS)} or a config.json (Hugging Face Llama or "
                                                    "Megatron names: num_layers, hidden_size, ...)")
     p.add_argument("--seq-length", type=int, default=131072)
@@ -55,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "examples/pretrain_llama2_harpe.sh --dry-run with the plan's settings)")
     p.add_argument("--emit-env", type=int, nargs="?", const=1, metavar="K",
                    help="print the examples/ environment variables of the K-th plan (default 1) and nothing else: "
-                        "eval \"$(tools/plan_parallelism.py ... --emit-env)\"; examples/pretrain_llama2_harpe.sh")
+                        "set -e; eval \"$(tools/plan_parallelism.py ... --emit-env)\"; "
+                        "examples/pretrain_llama2_harpe.sh. On an error it prints `false` (eval fails; set -e "
+                        "stops). The plan is for its --model (HARPE_PLAN_MODEL): a launch of another model refuses "
+                        "it; unset $HARPE_PLAN_VARS drops it")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
     return p
 
@@ -150,7 +154,25 @@ def print_table(plans, request, hardware, args, out) -> None:
         print(f"{len(plans) - len(fitting)} layouts do not fit even with full recompute (--show-infeasible)", file=out)
 
 
+def wants_env(argv) -> bool:
+    return any(a == "--emit-env" or a.startswith("--emit-env=") for a in argv)
+
+
 def main(argv=None) -> int:
+    """With --emit-env, a failure also prints ``false``: ``eval`` of an empty output would succeed."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = _main(argv)
+    except SystemExit as e:  # argparse: a bad flag
+        code = e.code
+        if not wants_env(argv) or code in (None, 0):
+            raise
+    if code and wants_env(argv):
+        print("false")
+    return code
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     try:
         request, hardware = request_from(args)
@@ -166,9 +188,12 @@ def main(argv=None) -> int:
         return 2
     fitting = [p for p in plans if p.fits]
     if args.emit_env is not None:
+        if not fitting:
+            return _no_fit(plans)
         if not 1 <= args.emit_env <= len(fitting):
-            print(f"error: --emit-env {args.emit_env}: {len(fitting)} layouts fit", file=sys.stderr)
-            return 1
+            print(f"error: --emit-env {args.emit_env}: {len(fitting)} layouts fit: choose K in 1..{len(fitting)}",
+                  file=sys.stderr)
+            return 2
         print(format_env(plan_env(fitting[args.emit_env - 1], request, hardware), request.distributed_optimizer))
         return 0
     if args.json:
@@ -182,8 +207,12 @@ def main(argv=None) -> int:
         for line in skipped:
             print(f"not considered: {line}")
     if not fitting:
-        closest = min(plans, key=lambda p: p.memory.total)
-        print(f"error: no layout fits (closest: {closest.note}): add GPUs, shorten --seq-length, or lower "
-              f"--micro-batch-size", file=sys.stderr)
-        return 1
+        return _no_fit(plans)
     return 0
+
+
+def _no_fit(plans) -> int:
+    closest = min(plans, key=lambda p: p.memory.total)
+    print(f"error: no layout fits (closest: {closest.note}): add GPUs, shorten --seq-length, or lower "
+          f"--micro-batch-size", file=sys.stderr)
+    return 1

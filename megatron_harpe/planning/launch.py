@@ -15,6 +15,8 @@ from megatron_harpe.planning.shapes import PRESETS, ModelShape
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH_SCRIPT = os.path.join(REPO, "examples", "pretrain_llama2_harpe.sh")
 UNIFORM_HARPE_ARGS = "--harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6"
+# examples/pretrain_llama2_harpe.sh's default for the shapes Table 2 does not fit (13B, 70B)
+SEARCH_HARPE_ARGS = "--harpe-strategy peak_valley --harpe-base-min 1e6 --harpe-base-max 5e6 --harpe-stride 30000"
 
 
 def shape_flags(shape: ModelShape) -> list[str]:
@@ -31,8 +33,8 @@ def launch_env(shape: ModelShape, layout: Layout, seq_length: int, global_batch_
                gpus_per_node: int) -> dict[str, str]:
     """The settings of ``examples/pretrain_llama2_*.sh`` that run this layout.
 
-    A shape that is not a preset goes in as ``MODEL=7b`` with its own shape flags in ``EXTRA_ARGS``
-    (Megatron's parser keeps the last value of a repeated flag).
+    A shape that is not a preset goes in as ``MODEL=7b`` with its own shape flags in ``EXTRA_ARGS`` (Megatron's
+    parser keeps the last value of a repeated flag) and the bases searched for its query groups in ``HARPE_ARGS``.
     """
     gpus = layout.gpus
     env = {
@@ -48,11 +50,24 @@ def launch_env(shape: ModelShape, layout: Layout, seq_length: int, global_batch_
         env["RECOMPUTE_NUM_LAYERS"] = str(layout.recompute_layers)
     if env["MODEL"] != shape.name:
         env["EXTRA_ARGS"] = " ".join(shape_flags(shape))
+        # the 7B script's default bases are Table 2's 32, one per 7B head: another shape searches its own
+        env["HARPE_ARGS"] = SEARCH_HARPE_ARGS
     return env
 
 
+PLAN_MODEL, PLAN_VARS = "HARPE_PLAN_MODEL", "HARPE_PLAN_VARS"
+
+
 def format_env(env: dict[str, str], distributed_optimizer: bool = True) -> str:
-    lines = [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    """Shell lines for ``eval``: the previous plan's variables unset, then this plan's, scoped to its model.
+
+    ``HARPE_PLAN_MODEL`` names the model the layout was planned for: examples/llama2_common.sh refuses it for a
+    launch of another model. ``HARPE_PLAN_VARS`` lists what was exported, so the next plan (or the user) unsets it.
+    """
+    env = {**env, PLAN_MODEL: env["MODEL"]}
+    env[PLAN_VARS] = " ".join([*env, PLAN_VARS])
+    lines = [f"unset ${{{PLAN_VARS}:-}}  # the previous plan's settings"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
     if not distributed_optimizer:
         lines.append("# the examples always use --use-distributed-optimizer; this plan assumed it off")
     return "\n".join(lines)
@@ -61,7 +76,10 @@ def format_env(env: dict[str, str], distributed_optimizer: bool = True) -> str:
 def launch_command(env: dict[str, str], script: str = LAUNCH_SCRIPT) -> list[str]:
     """The ``pretrain_harpe.py`` arguments the launch script builds for ``env`` (its ``--dry-run``)."""
     placeholders = dict(DATA_PATH="data/mixture", TOKENIZER_MODEL="tokenizer.model")
-    full_env = {**os.environ, **placeholders, **env}
+    # The caller parses the command with the trainer's checks itself (megatron_args); the caller's own plan
+    # variables are not this one's.
+    inherited = {k: v for k, v in os.environ.items() if k not in (PLAN_MODEL, PLAN_VARS)}
+    full_env = {**inherited, **placeholders, "HARPE_SKIP_CHECK": "1", **env}
     done = subprocess.run([script, "--dry-run"], env=full_env, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise ValueError(f"{os.path.basename(script)} --dry-run failed: {done.stderr.strip()}")

@@ -7,8 +7,6 @@ import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
-
 from megatron_harpe.configs import LLAMA2_SHAPES, LLAMA2_VOCAB_SIZE
 
 # Megatron-LM's --make-vocab-size-divisible-by default.
@@ -48,6 +46,8 @@ class ModelShape:
 
     def padded_vocab_size(self, tp: int) -> int:
         """The vocabulary as Megatron pads it: a multiple of 128 x TP (its own ``vocab_size_with_padding``)."""
+        from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding  # not for --help
+
         args = SimpleNamespace(make_vocab_size_divisible_by=VOCAB_DIVISOR, tensor_model_parallel_size=tp, rank=0)
         return vocab_size_with_padding(self.vocab_size, args, logging_enabled=False)
 

@@ -198,6 +198,9 @@ def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_te
     from megatron.training.training import build_train_valid_test_data_iterators
     from megatron.training.utils import print_rank_0, print_rank_last
 
+    from megatron_harpe.training.entry import load_or_raise
+
+    load_checkpoint = load_or_raise(load_checkpoint)  # a failed load is megatron's bare sys.exit(): status 0
     check_compact_args(args)
     on_cpu = not torch.cuda.is_available()
     if on_cpu:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import os
 import sys
@@ -9,7 +12,8 @@ import traceback
 
 import torch
 
-from megatron_harpe.arguments import HarpeArgumentError, add_harpe_args, harpe_enabled, resolve_harpe_args
+from megatron_harpe.arguments import (HarpeArgumentError, add_harpe_args, check_parallel_layout, harpe_enabled,
+                                      is_rank_zero, one_line_errors, resolve_harpe_args)
 from megatron_harpe.model import have_te
 from megatron_harpe.training.model_provider import layer_impl
 
@@ -20,7 +24,9 @@ def parse_and_validate(argv: list[str] | None = None):
     """Megatron's ``parse_and_validate_args`` with the HARPE group (without its global set-up), then HARPE's checks.
 
     As megatron: ``--use-checkpoint-args`` fills the model flags from ``--pretrained-checkpoint`` and ``--load``
-    before ``validate_args``; for HARPE it also takes the bases a checkpoint was trained with.
+    before ``validate_args``; for HARPE it also takes the bases a checkpoint was trained with. The layout and the
+    HARPE bases are checked before ``validate_args``, which ends by printing every argument: an error comes first.
+    A wrong flag exits 2 with one line (megatron's parser would print its whole usage).
     """
     from megatron.training import arguments as megatron_arguments
 
@@ -34,11 +40,18 @@ def parse_and_validate(argv: list[str] | None = None):
     saved_argv = sys.argv
     sys.argv = [sys.argv[0], *flags]
     try:
-        args = megatron_arguments.parse_args(extra_args_provider=add_harpe_args)
+        args = megatron_arguments.parse_args(extra_args_provider=lambda p: one_line_errors(add_harpe_args(p)))
     finally:
         sys.argv = saved_argv
     if args.use_checkpoint_args:
         _args_from_checkpoint(args)
+    check_parallel_layout(args, gpus_per_node=_local_world_size())
+    resolve_harpe_args(args)
+    if args.attention_backend.name == "local" and not args.spec:
+        # validate_args reads args.spec[0] here and raises TypeError without --spec
+        raise HarpeArgumentError("--attention-backend local is megatron's --spec local core attention, which "
+                                 "pretrain_harpe.py does not build: use --transformer-impl local for the local spec, "
+                                 "or --attention-backend flash, fused, unfused or auto")
     try:
         _validate_megatron_args(megatron_arguments, args)
     except AssertionError as e:
@@ -49,8 +62,13 @@ def parse_and_validate(argv: list[str] | None = None):
     problems = unsupported_data_flags(args)
     if problems:
         raise HarpeArgumentError("these flags need a path pretrain_harpe.py does not have:\n  " + "\n  ".join(problems))
-    resolve_harpe_args(args)
     return args
+
+
+def _local_world_size():
+    """Ranks per node as torchrun sets them (None outside torchrun)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value and value.isdigit() else None
 
 
 def _args_from_checkpoint(args) -> None:
@@ -71,7 +89,8 @@ def _args_from_checkpoint(args) -> None:
         with megatron_on_cpu():  # it all-reduces the iteration on 'cuda' once a process group exists
             load_args_from_checkpoint(args, load_arg=source)
         try:
-            saved = load_checkpoint_args(getattr(args, source))
+            # megatron's load_args_from_checkpoint has just unpickled the same files: nothing new is trusted here.
+            saved = load_checkpoint_args(getattr(args, source), allow_pickle=True)
         except CheckpointError:
             continue  # megatron left the flags as given; so do we
         if getattr(saved, "harpe_bases", None) is not None:
@@ -132,9 +151,36 @@ def use_prebuilt_dataset_helpers() -> None:
     dataset_utils.compile_helpers = compile_helpers
 
 
+class RunFailed(RuntimeError):
+    """The run stopped without doing what was asked (the reason was printed before)."""
+
+
+def load_or_raise(load_checkpoint):
+    """megatron's ``load_checkpoint`` ends the process with a bare ``sys.exit()``, status 0, when it cannot load
+    (a bad tracker file, an unreadable checkpoint, ``--exit-on-missing-checkpoint``): make that a failure."""
+
+    @functools.wraps(load_checkpoint)
+    def load(*args, **kwargs):
+        try:
+            return load_checkpoint(*args, **kwargs)
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                raise
+            from megatron.training import get_args
+
+            given = get_args()
+            where = " / ".join(f"{flag} {path}" for flag, path in (("--load", given.load),
+                               ("--pretrained-checkpoint", given.pretrained_checkpoint)) if path)
+            raise RunFailed(f"could not load the checkpoint ({where}; megatron's reason is printed above): fix the "
+                            "path or the checkpoint, or drop the flag to start from scratch") from None
+
+    return load
+
+
 def _run_megatron(args) -> None:
     """megatron.training.pretrain with our providers; it re-reads the command line and sets its globals."""
     from megatron.core.enums import ModelType
+    from megatron.training import training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.global_vars import set_global_variables
     from megatron.training.training import pretrain
@@ -144,6 +190,7 @@ def _run_megatron(args) -> None:
     from megatron_harpe.training.model_provider import model_provider
 
     use_prebuilt_dataset_helpers()
+    training.load_checkpoint = load_or_raise(training.load_checkpoint)
     set_global_variables(args)
     pretrain(pretrain_cfg_container_from_args(args), train_valid_test_datasets_provider, ModelType.encoder_or_decoder,
              forward_step, model_provider=model_provider, get_embedding_ranks=embedding_ranks)
@@ -159,10 +206,34 @@ def embedding_ranks(pp_ranks: list[int]) -> list[int]:
     return ranks
 
 
+def check_only(args) -> None:
+    """``--harpe-check-only``: the checks the run would make before it starts anything, for the machine-independent
+    part (the engine and Transformer Engine are the launch node's business); the compact engine's flag refusals too."""
+    if args.harpe_engine == "compact":
+        from megatron_harpe.training.compact import check_compact_args
+
+        check_compact_args(args)
+
+
+def _report(message: str) -> None:
+    """Every rank fails the same way: one copy of the error, from rank 0."""
+    if is_rank_zero():
+        print(f"pretrain_harpe.py: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    flags = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_and_validate(argv)
+        if "--harpe-check-only" in flags:
+            with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
+                args = parse_and_validate(flags)
+                check_only(args)
+            print(f"pretrain_harpe.py: the flags fit {args.world_size} rank(s): TP {args.tensor_model_parallel_size}, "
+                  f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, "
+                  f"DP {args.data_parallel_size}", file=sys.stderr)
+            return 0
+        args = parse_and_validate(flags)
         engine = choose_engine(args)
         if engine == "megatron":
             check_megatron_engine_flags(args)
@@ -173,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _run_megatron(args)
     except HarpeArgumentError as e:
-        print(f"pretrain_harpe.py: error: {e}", file=sys.stderr)
+        _report(str(e))
         return 2
+    except RunFailed as e:
+        _report(str(e))
+        return 1
     return 0

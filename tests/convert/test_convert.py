@@ -53,7 +53,8 @@ def test_round_trip_is_bitwise(tmp_path, hf_dirs, kind, fmt, tp, pp):
     meg, back = tmp_path / "meg", tmp_path / "back"
     assert hf_to_megatron(["--hf-dir", hf_dirs[kind], "--out", str(meg), "--tp", str(tp), "--pp", str(pp),
                            "--format", fmt, "--dtype", "fp32"]) == 0
-    assert megatron_to_hf(["--megatron-dir", str(meg), "--out", str(back)]) == 0
+    trust = ["--allow-pickle"] if fmt == "torch_dist" else []  # its .metadata is a pickle
+    assert megatron_to_hf(["--megatron-dir", str(meg), "--out", str(back), *trust]) == 0
     assert same_weights(hf_dirs[kind], back)
     config = json.load(open(back / "config.json"))
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 300
@@ -77,11 +78,11 @@ def test_bf16_round_trip_and_torch_layout(tmp_path, hf_dirs):
     assert all(torch.equal(back[k], orig[k].to(torch.bfloat16)) for k in orig)
 
 
-def megatron_logits(root, tokens):
+def megatron_logits(root, tokens, allow_pickle=False):
     from megatron_harpe.cpu_compat import megatron_on_cpu
     from megatron_harpe.training.checkpoint import load_model
 
-    model, args = load_model(str(root))
+    model, args = load_model(str(root), allow_pickle=allow_pickle)
     with torch.no_grad(), megatron_on_cpu():
         position_ids = torch.arange(tokens.shape[1])[None].expand_as(tokens)
         logits = model(tokens, position_ids, None)
@@ -95,7 +96,7 @@ def test_megatron_logits_equal_transformers(tmp_path, hf_dirs, fmt, megatron_sin
     assert hf_to_megatron(["--hf-dir", hf_dirs["gqa"], "--out", str(tmp_path / "m"), "--format", fmt, "--dtype",
                            "fp32", "--transformer-impl", "local"]) == 0
     tokens = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(3))
-    ours, args = megatron_logits(tmp_path / "m", tokens)
+    ours, args = megatron_logits(tmp_path / "m", tokens, allow_pickle=fmt == "torch_dist")
     assert args.harpe_bases is None
     reference = LlamaForCausalLM.from_pretrained(hf_dirs["gqa"], dtype=torch.float32).eval()(tokens).logits
     assert (ours - reference).abs().max().item() <= 1e-5
@@ -108,9 +109,9 @@ def test_harpe_export_runs_in_transformers(tmp_path, hf_dirs, megatron_single_pr
     assert hf_to_megatron(["--hf-dir", hf_dirs["gqa"], "--out", str(tmp_path / "m"), "--dtype", "fp32",
                            "--harpe-bases", bases]) == 0
     tokens = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(4))
-    ours, args = megatron_logits(tmp_path / "m", tokens)
+    ours, args = megatron_logits(tmp_path / "m", tokens, allow_pickle=True)  # torch_dist
     assert args.harpe_bases == [1e4, 2.5e5, 7e5, 3e6]
-    assert megatron_to_hf(["--megatron-dir", str(tmp_path / "m"), "--out", str(tmp_path / "hf")]) == 0
+    assert megatron_to_hf(["--megatron-dir", str(tmp_path / "m"), "--out", str(tmp_path / "hf"), "--allow-pickle"]) == 0
     config = json.load(open(tmp_path / "hf" / "config.json"))
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_harpe_llama.HarpeLlamaForCausalLM"
     harpe = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
@@ -123,7 +124,7 @@ def test_harpe_export_runs_in_transformers(tmp_path, hf_dirs, megatron_single_pr
     assert generated.shape == (1, 16) and generated[0, 10].item() == harpe(tokens[:1, :10]).logits[0, -1].argmax()
     # Round trip: the exported HARPE model converts back with its bases.
     assert hf_to_megatron(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "m2"), "--dtype", "fp32"]) == 0
-    assert megatron_logits(tmp_path / "m2", tokens)[1].harpe_bases == [1e4, 2.5e5, 7e5, 3e6]
+    assert megatron_logits(tmp_path / "m2", tokens, allow_pickle=True)[1].harpe_bases == [1e4, 2.5e5, 7e5, 3e6]
 
 
 def test_harpe_with_equal_bases_is_llama(tmp_path, hf_dirs):
@@ -202,13 +203,13 @@ def test_bad_inputs(tmp_path, hf_dirs, capsys):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, hf_dirs, monkeypatch):
-    import megatron_harpe.convert.cli as cli
+    import megatron_harpe.convert.megatron_checkpoint as writers
 
     def fail_midway(root, read_hf, shape, args, dtype, progress=None):
         os.makedirs(os.path.join(root, "release", "mp_rank_00"))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "write_torch", fail_midway)
+    monkeypatch.setattr(writers, "write_torch", fail_midway)
     with pytest.raises(KeyboardInterrupt):
         hf_to_megatron(["--hf-dir", hf_dirs["mha"], "--out", str(tmp_path / "o"), "--format", "torch"])
     assert os.listdir(tmp_path) == []
@@ -236,9 +237,9 @@ def test_checkpoint_from_training_exports(tmp_path, hf_dirs, megatron_single_pro
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "iter_0000006" / "metadata.json").is_file()  # saved as torch_dist
-    assert megatron_to_hf(["--megatron-dir", str(checkpoints), "--out", str(tmp_path / "hf")]) == 0
+    assert megatron_to_hf(["--megatron-dir", str(checkpoints), "--out", str(tmp_path / "hf"), "--allow-pickle"]) == 0
     tokens = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(6))
-    ours, args = megatron_logits(checkpoints, tokens)
+    ours, args = megatron_logits(checkpoints, tokens, allow_pickle=True)
     assert args.harpe_bases is not None  # trained with the tiny script's peak-valley bases
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
                                                     dtype=torch.float32).eval()

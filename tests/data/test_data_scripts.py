@@ -25,10 +25,14 @@ def test_missing_settings_are_named(tmp_path):
 def test_prepare_long_context_data(tmp_path):
     made = make_corpus(str(tmp_path / "corpus"), docs_per_source=40, length_scale=0.05, vocab_size=500,
                        sources=("c4", "book"))
+    (tmp_path / "corpus" / "sources" / "README.md").write_text("# where these came from\n")  # not a source
     env = {"SOURCES_DIR": str(tmp_path / "corpus" / "sources"), "TOKENIZER_MODEL": made["tokenizer_model"],
            "SEQ_LENGTH": "128", "LONG_THRESHOLD": "300", "WORKERS": "1"}
     done = run(env, tmp_path / "out")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: not a source, left out: README.md" in done.stderr
+    assert sorted(os.listdir(tmp_path / "out" / "tokenized")) == sorted(
+        f"{source}_text_document.{ext}" for source in ("c4", "book") for ext in ("bin", "idx"))
     assert f"DATA_PATH={tmp_path / 'out' / 'mixture'}" in done.stdout
     mixture = IndexedDataset(str(tmp_path / "out" / "mixture"))
     assert int(mixture.sequence_lengths.sum()) % 128 == 0 and len(mixture) > 0

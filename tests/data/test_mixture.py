@@ -127,3 +127,25 @@ def test_errors(tmp_path, source_prefixes, capsys):
     assert "pass --force" in capsys.readouterr().err
     assert build(source_prefixes, tmp_path / "m", "--seq-length", 256, "--force") == 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no staging left behind
+
+
+def test_one_weight_replaces_only_its_sources_default(tmp_path, source_prefixes):
+    """--weight book=0.3 changes book's share; the other sources keep Fu et al.'s (renormalized over those given)."""
+    args = mixture.build_parser().parse_args(["--source", "book=x", "--weight", "books=0.3", "--output-prefix", "o"])
+    assert mixture.spec_from_args(args).weights == {**FU_ET_AL_WEIGHTS, "book": 0.3}
+    assert build(source_prefixes, tmp_path / "w", "--long-threshold", 400, "--seq-length", 256,
+                 "--target-tokens", 20 * 256, "--weight", "book=0.3") == 0
+    report = json.loads((tmp_path / "w.mixture.json").read_text())
+    given = {name: FU_ET_AL_WEIGHTS[name] for name in SOURCES} | {"book": 0.3}
+    assert {s["name"]: s["weight"] for s in report["sources"]} == pytest.approx(
+        {name: w / sum(given.values()) for name, w in given.items()})
+
+
+def test_spec_file_weights_replace_only_theirs(tmp_path):
+    (tmp_path / "spec.json").write_text(json.dumps({"weights": {"RedPajamaBook": 0.2, "mine": 1.0},
+                                                    "long_threshold": 2048}))
+    spec = MixtureSpec.from_json(str(tmp_path / "spec.json"))
+    assert spec.weights == {**FU_ET_AL_WEIGHTS, "book": 0.2, "mine": 1.0} and spec.long_threshold == 2048
+    (tmp_path / "bad.json").write_text("weights: book=0.2\n")
+    with pytest.raises(mixture.MixtureError, match=r"bad\.json: not a JSON mixture spec"):
+        MixtureSpec.from_json(str(tmp_path / "bad.json"))

@@ -201,3 +201,11 @@ def test_command_line_tool(tmp_path, spm_model):
     assert "wrote" in done.stdout and "2 documents" in done.stdout
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 1 and "exists" in done.stderr
+
+
+def test_a_key_without_text_is_refused_and_nothing_written(tmp_path, spm_model, capsys):
+    """One of several --json-keys empty in every document: its dataset would hold no token (issue 15, item 4)."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "a body", "title": ""}, {"text": "another", "title": ""}])
+    assert run(spm_model, "--input", corpus, "--json-keys", "text", "title", "--output-prefix", tmp_path / "o") == 1
+    assert "'title' is empty text in all 2 document(s). Nothing was written" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["c.jsonl"]

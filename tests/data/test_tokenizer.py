@@ -99,3 +99,29 @@ def test_tiny_model_round_trips_any_text(spm_model, tricky_texts):
 def test_train_sentencepiece_refuses_no_text(tmp_path):
     with pytest.raises(RuntimeError):
         train_sentencepiece([], str(tmp_path / "empty"), vocab_size=100)
+
+
+def test_tokenizer_flags_equal_megatrons():
+    """preprocess_data.py declares Megatron-LM's tokenizer flags itself (so --help imports no megatron): the same
+    options, destinations, defaults, types, choices and actions as megatron.training.arguments'."""
+    import argparse
+
+    from megatron.training.arguments import _add_tokenizer_args
+
+    from megatron_harpe.data.tokenizer import add_megatron_tokenizer_args
+
+    def flags(parser):
+        return {tuple(a.option_strings): (a.dest, a.default, a.type, tuple(a.choices or ()), a.nargs, type(a))
+                for a in parser._actions if a.dest != "help"}
+
+    ours, theirs = flags(add_megatron_tokenizer_args(argparse.ArgumentParser())), \
+        flags(_add_tokenizer_args(argparse.ArgumentParser()))
+    assert ours == theirs
+
+
+def test_a_text_file_is_not_a_sentencepiece_model(tmp_path):
+    from megatron_harpe.data.tokenizer import TokenizerError
+
+    (tmp_path / "tokenizer.model").write_text("not a model\n")
+    with pytest.raises(TokenizerError, match=r"tokenizer\.model: not a sentencepiece model"):
+        build_tokenizer(tokenizer_namespace("SentencePieceTokenizer", str(tmp_path / "tokenizer.model")))

@@ -21,3 +21,19 @@ def tiny_model_dir(tmp_path_factory):
     model.save_pretrained(str(root / "model"))
     os.replace(spm, root / "model" / "tokenizer.model")
     return str(root / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_harpe_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model as a HARPE export: tools/convert_megatron_to_hf.py's config.json (auto_map) and code files."""
+    import json
+    import shutil
+
+    from megatron_harpe.convert.hf_checkpoint import shape_from_hf_config, write_hf_config
+
+    root = tmp_path_factory.mktemp("tiny_harpe") / "model"
+    shutil.copytree(tiny_model_dir, root)
+    config = json.loads((root / "config.json").read_text())
+    os.remove(root / "config.json")
+    write_hf_config(str(root), shape_from_hf_config(config), "fp32", harpe_bases=[1e4, 5e5])
+    return str(root)

@@ -94,9 +94,65 @@ def test_emit_env_through_the_shell_and_a_custom_config(tmp_path):
     script = (f'set -e; eval "$({sys.executable} {TOOL} --model {config} --gpus 8 --gpu-memory 80 --seq-length 65536 '
               f'--emit-env)"; {REPO}/examples/pretrain_llama2_harpe.sh --dry-run')
     env = dict(os.environ, DATA_PATH="data/mixture", TOKENIZER_MODEL="tok.model")
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    # the dry run checks the command with the trainer's checks (megatron's import: minutes on a busy CPU)
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     command = done.stdout.split()
     # The custom shape goes in after the 7B preset's flags; Megatron keeps the last value.
     assert command[len(command) - 1 - command[::-1].index("--num-layers") + 1] == "24"
     assert "--group-query-attention" in command and "65536" in command
+    # its 4 query groups get 4 searched bases, not the 7B script's 32 of Table 2 (the check refused those)
+    assert command[len(command) - 1 - command[::-1].index("--harpe-strategy") + 1] == "peak_valley"
+
+
+# --- issue 15: --emit-env under eval ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, code", [
+    (["--model", "70b", "--gpus", "8", "--gpu-memory", "80"], 1),          # nothing fits
+    (["--model", "7b", "--gpus", "8", "--gpu-memory", "80", "--tp", "3"], 2),  # no valid layout
+    (["--model", "7b", "--gpus", "8"], 2),                                  # argparse: --gpu-memory missing
+    (["--model", "7b", "--gpus", "8", "--gpu-memory", "80", "--emit-env", "99"], 2),
+])
+def test_emit_env_failures_print_false_for_eval(argv, code, capsys):
+    """eval of an empty output succeeds: on an error --emit-env prints `false`, so that eval (and set -e) fail."""
+    if "--emit-env" not in argv:
+        argv = argv + ["--emit-env"]
+    assert main(argv) == code
+    out = capsys.readouterr()
+    assert out.out == "false\n" and "error: " in out.err
+
+
+def test_emitted_plan_is_scoped_to_its_model(capsys):
+    assert main(["--model", "7b", "--gpus", "8", "--gpu-memory", "80", "--emit-env"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("unset ${HARPE_PLAN_VARS:-}")  # the previous plan's variables go first
+    env = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+    assert env["HARPE_PLAN_MODEL"] == env["MODEL"] == "7b"
+    assert env["HARPE_PLAN_VARS"].strip("'").split() == [k for k in env]
+
+
+def test_a_plan_applies_to_its_model_and_a_new_plan_replaces_the_old(tmp_path):
+    """A custom shape's EXTRA_ARGS from an earlier plan does not leak into the next plan's launch."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"num_hidden_layers": 24, "hidden_size": 2048, "num_attention_heads": 16,
+                                  "num_key_value_heads": 4, "intermediate_size": 5632, "vocab_size": 32000}))
+    plan = f"{sys.executable} {TOOL} --gpus 8 --gpu-memory 80 --emit-env"
+    script = (f'set -e; eval "$({plan} --model {config})"; eval "$({plan} --model 7b --tp 2)"; '
+              f'echo "EXTRA_ARGS=${{EXTRA_ARGS-unset}}"; {REPO}/examples/pretrain_llama2_harpe.sh --dry-run')
+    env = dict(os.environ, DATA_PATH="data/mixture", TOKENIZER_MODEL="tok.model", ATTENTION_BACKEND="flash")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "EXTRA_ARGS=unset" in done.stdout
+    command = done.stdout.splitlines()[-1].split()
+    assert command[command.index("--tensor-model-parallel-size") + 1] == "2"
+    assert command[command.index("--num-layers") + 1] == "32" and command.count("--num-layers") == 1
+
+
+def test_help_imports_neither_megatron_nor_torch():
+    code = ("import runpy, sys; sys.argv = ['plan_parallelism.py', '--help']\n"
+            "try:\n    runpy.run_path(sys.argv[0] and " + repr(TOOL) + ", run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print([m for m in sys.modules if m.split('.')[0] in ('megatron', 'torch')])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]" and "--emit-env" in done.stdout

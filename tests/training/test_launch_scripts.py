@@ -13,18 +13,28 @@ PAPER_TOKENS_PER_STEP = 4 * 1024 * 1024
 PAPER_TOKENS = 6e9
 
 
-def run_dry(script, **env):
-    """The script's --dry-run; ATTENTION_BACKEND=flash unless given (the probe's answer depends on the machine)."""
+def run_dry(script, *args, **env):
+    """The script's --dry-run; ATTENTION_BACKEND=flash unless given (the probe's answer depends on the machine).
+
+    It runs pretrain_harpe.py --harpe-check-only (megatron's import and validate_args): minutes on a busy CPU.
+    """
     full_env = dict(os.environ, DATA_PATH="data/mixture", TOKENIZER_MODEL="llama2/tokenizer.model",
                     LOAD="checkpoints/llama2-7b-megatron", ATTENTION_BACKEND="flash")
+    for plan_variable in ("HARPE_PLAN_MODEL", "HARPE_PLAN_VARS", "HARPE_SKIP_CHECK"):
+        full_env.pop(plan_variable, None)
     full_env.update(env)
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None: unset
-    return subprocess.run([os.path.join(REPO, "examples", script), "--dry-run"], capture_output=True, text=True,
-                          env=full_env, timeout=60)
+    return subprocess.run([os.path.join(REPO, "examples", script), "--dry-run", *args], capture_output=True,
+                          text=True, env=full_env, timeout=900)
 
 
-def dry_run(script, **env):
-    proc = run_dry(script, **env)
+# The flash-attn probe's tests are about the probe: the trainer's check (tested with every script's defaults
+# below) is skipped there, so that the fake pythons answer the probe alone.
+NO_CHECK = "1"
+
+
+def dry_run(script, *args, **env):
+    proc = run_dry(script, *args, **env)
     assert proc.returncode == 0, proc.stderr
     commands = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
     assert commands, proc.stdout
@@ -178,7 +188,8 @@ def warnings_of(proc):
 
 def test_without_flash_attn_the_backend_is_auto_with_one_warning(tmp_path):
     python = fake_python(tmp_path, "python", has_flash=False)
-    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN="no-such-torchrun")
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN="no-such-torchrun",
+                   HARPE_SKIP_CHECK=NO_CHECK)
     assert proc.returncode == 0, proc.stderr
     (command,) = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
     assert backend(command) == "auto"
@@ -189,7 +200,8 @@ def test_without_flash_attn_the_backend_is_auto_with_one_warning(tmp_path):
 
 def test_with_flash_attn_the_backend_is_flash_without_a_warning(tmp_path):
     python = fake_python(tmp_path, "python", has_flash=True)
-    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN="no-such-torchrun")
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN="no-such-torchrun",
+                   HARPE_SKIP_CHECK=NO_CHECK)
     assert proc.returncode == 0, proc.stderr
     assert backend(shlex.split(proc.stdout.splitlines()[-1])) == "flash" and warnings_of(proc) == []
 
@@ -201,20 +213,22 @@ def test_the_probe_asks_the_python_torchrun_runs(tmp_path):
     torchrun.write_text(f"#!{runs}\n# torchrun stand-in\n")
     torchrun.chmod(0o755)
     python = fake_python(tmp_path, "python", has_flash=False)
-    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN=str(torchrun))
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN=str(torchrun),
+                   HARPE_SKIP_CHECK=NO_CHECK)
     assert proc.returncode == 0, proc.stderr
     assert backend(shlex.split(proc.stdout.splitlines()[-1])) == "flash" and warnings_of(proc) == []
     assert not (tmp_path / "python.calls").exists()
     # LAUNCHER=python runs PYTHON itself: its answer
     proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN=str(torchrun),
-                   LAUNCHER="python")
+                   LAUNCHER="python", HARPE_SKIP_CHECK=NO_CHECK)
     assert backend(shlex.split(proc.stdout.splitlines()[-1])) == "auto" and len(warnings_of(proc)) == 1
 
 
 @pytest.mark.parametrize("setting", ["flash", "fused", "unfused", "auto"])
 def test_attention_backend_setting_wins_over_the_probe(tmp_path, setting, monkeypatch):
     python = fake_python(tmp_path, "python", has_flash=False)
-    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=setting, TORCHRUN="no-such-torchrun")
+    proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=setting,
+                   TORCHRUN="no-such-torchrun", HARPE_SKIP_CHECK=NO_CHECK)
     assert proc.returncode == 0, proc.stderr
     (command,) = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
     assert backend(command) == setting and warnings_of(proc) == []
@@ -232,7 +246,7 @@ def test_a_bad_attention_backend_is_refused():
 def test_multistage_probes_once_for_its_three_stages(tmp_path):
     python = fake_python(tmp_path, "python", has_flash=False)
     proc = run_dry("pretrain_llama2_abf_multistage.sh", PYTHON=python, ATTENTION_BACKEND=None,
-                   TORCHRUN="no-such-torchrun")
+                   TORCHRUN="no-such-torchrun", HARPE_SKIP_CHECK=NO_CHECK)
     assert proc.returncode == 0, proc.stderr
     commands = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
     assert [backend(c) for c in commands] == ["auto"] * 3 and len(warnings_of(proc)) == 1
@@ -251,3 +265,50 @@ def test_gpu_check_uses_the_same_probe():
         gpu_check = f.read()
     assert 'source "$REPO/examples/llama2_common.sh"' in gpu_check
     assert "harpe_attention_backend" in gpu_check and "flash_attn_interface" not in gpu_check
+
+
+# --- issue 15: the command line of the launch scripts ----------------------------------------------------------
+
+SCRIPTS = ["pretrain_llama2_harpe.sh", "pretrain_llama2_13b_harpe.sh", "pretrain_llama2_70b_harpe.sh",
+           "pretrain_llama2_abf.sh", "pretrain_llama2_abf_multistage.sh", "pretrain_llama2_pi.sh",
+           "pretrain_llama2_yarn.sh", "pretrain_tiny_harpe_cpu.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_every_script_answers_help_and_launches_nothing(script, flag, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "TOKENIZER_MODEL")}
+    proc = subprocess.run([os.path.join(REPO, "examples", script), flag], capture_output=True, text=True,
+                          env=dict(env, TORCHRUN=str(tmp_path / "must-not-run"), SAVE=str(tmp_path / "s")),
+                          timeout=60)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert f"usage: {script} " in proc.stdout and "--dry-run" in proc.stdout and "-- FLAG" in proc.stdout
+    assert "pretrain_harpe.py --" not in proc.stdout and list(tmp_path.iterdir()) == []
+    header = open(os.path.join(REPO, "examples", script)).read().splitlines()[1].lstrip("# ")
+    assert proc.stdout.startswith(header)  # the script's own description, not its wrapper's
+
+
+def test_flags_after_double_dash_reach_megatron_last_and_torchrun_is_the_venvs(monkeypatch):
+    """`-- --lr 1e-4` is passed through (Megatron keeps the last value); TORCHRUN unset: the repo's .venv one."""
+    (command,) = dry_run("pretrain_llama2_harpe.sh", "--", "--lr", "1e-4", "--eval-iters", "7", TORCHRUN=None)
+    assert command[-4:] == ["--lr", "1e-4", "--eval-iters", "7"]
+    venv_torchrun = os.path.join(REPO, ".venv", "bin", "torchrun")
+    assert command[0] == (venv_torchrun if os.access(venv_torchrun, os.X_OK) else "torchrun")
+    args, _ = parsed(command, monkeypatch)
+    assert args.lr == 1e-4 and args.eval_iters == 7
+
+
+def test_a_launch_checks_every_stage_before_the_first_starts(tmp_path):
+    """Stage 3 (131072 tokens: GBS 32) does not divide by MBS 8 x DP 8; stages 1 and 2 would have trained first."""
+    torchrun = tmp_path / "torchrun"
+    torchrun.write_text(f"#!/usr/bin/env bash\ntouch {tmp_path / 'launched'}\n")
+    torchrun.chmod(0o755)
+    env = dict(os.environ, MOCK_DATA="1", NNODES="8", MBS="8", TORCHRUN=str(torchrun), ATTENTION_BACKEND="flash",
+               PYTHON=os.path.join(REPO, ".venv", "bin", "python") if os.path.exists(
+                   os.path.join(REPO, ".venv", "bin", "python")) else "python", SAVE=str(tmp_path / "ms"))
+    proc = subprocess.run([os.path.join(REPO, "examples", "pretrain_llama2_abf_multistage.sh")], capture_output=True,
+                          text=True, env=env, timeout=1800)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--global-batch-size 32 does not divide by --micro-batch-size 8 x data parallel 8" in proc.stderr
+    assert "SEQ_LENGTH=131072" in proc.stderr and "# checking stage 3" in proc.stderr
+    assert not (tmp_path / "launched").exists() and not (tmp_path / "ms").exists()
