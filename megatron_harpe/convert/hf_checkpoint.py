@@ -171,16 +171,12 @@ LLAMA2_SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None
 
 
 def _sentencepiece(tokenizer_model: str):
-    import sentencepiece
+    from megatron_harpe.data.tokenizer import TokenizerError, load_sentencepiece
 
-    if not os.path.isfile(tokenizer_model):
-        raise ConversionError(f"--tokenizer-model {tokenizer_model} does not exist")
     try:
-        return sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
-    except (OSError, RuntimeError) as e:
-        raise ConversionError(f"--tokenizer-model {tokenizer_model} is not a sentencepiece model "
-                              f"({str(e).strip().splitlines()[-1]}): give the tokenizer.model the model was "
-                              "trained with") from None
+        return load_sentencepiece(tokenizer_model)
+    except TokenizerError as e:  # the one message for a bad tokenizer file, under conversion's error type
+        raise ConversionError(f"--tokenizer-model {e}") from None
 
 
 def tokenizer_vocab_size(tokenizer_model: str) -> int:

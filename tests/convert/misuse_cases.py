@@ -163,6 +163,6 @@ CASES = [
            entry=MEGATRON_TO_HF, setup=truncated("torch_dist", "__0_0.distcp")),
     Misuse("6", "export-bad-tokenizer-model", ["--megatron-dir", "{ckpt}", "--out", "{tmp}/hf", "--tokenizer-model",
                                                "{tmp}/bad.model"],
-           message=r"bad\.model is not a sentencepiece model .*give the tokenizer\.model", entry=MEGATRON_TO_HF,
+           message=r"--tokenizer-model .*bad\.model: not a sentencepiece model .*give a sentencepiece model", entry=MEGATRON_TO_HF,
            setup=bad_tokenizer, exit_code=1),
 ]
