@@ -386,19 +386,21 @@ def _replace_dir(staging: str, path: str, parent: str) -> None:
 
 
 @contextmanager
-def atomic_output_files(paths: Sequence[str], force: bool = False):
+def atomic_output_files(paths: Sequence[str], force: bool = False, *, flag: str = "--output-prefix"):
     """Yield ``{path as given: temporary path}``; every temporary file becomes its final path only if the block completes.
+
+    ``flag`` is the option the messages tell the user to change.
 
     The files share one directory (created if needed); existing ones are refused unless ``force`` (then replaced
     only at the end; nothing else in the directory is touched). Nothing is left behind on failure or SIGTERM/SIGINT.
     """
     existing = [p for p in paths if os.path.lexists(p)]
     if existing and not force:
-        raise OutputExistsError(f"{existing[0]} exists: choose another --output-prefix or pass --force to replace it")
+        raise OutputExistsError(f"{existing[0]} exists: choose another {flag} or pass --force to replace it")
     directories = [p for p in existing if os.path.isdir(p)]
     if directories:
         raise OutputExistsError(f"{directories[0]} is a directory, not a file this tool wrote: choose another "
-                                "--output-prefix")
+                                f"{flag}")
     parents = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(parents) != 1:
         raise ValueError(f"atomic_output_files writes into one directory, got {sorted(parents)}")

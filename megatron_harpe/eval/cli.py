@@ -143,7 +143,7 @@ def _write_heatmap(results: dict, results_path: str, grid, args, png: str, repla
     from megatron_harpe.outputs import atomic_output_files
     from megatron_harpe.plots import plot_niah_heatmap
 
-    with atomic_output_files([png], force=replace) as staged:
+    with atomic_output_files([png], force=replace, flag="--out") as staged:
         plot_niah_heatmap(grid, args.lengths, args.depths, staged[png],
                           title=f"NIAH ({args.needle_style}) {os.path.basename(os.path.normpath(args.model))}")
         results["picture_sha256"] = _sha256(staged[png])
@@ -242,7 +242,7 @@ def eval_perplexity(argv: Optional[List[str]] = None) -> int:
                 ids += model.encode(filler.paragraph())
         ids = [model.bos_id] + ids
         table = {str(L): sliding_window_perplexity(model, ids, L, args.stride) for L in args.lengths}
-        with atomic_output_files([results_path], force=args.force) as staged:
+        with atomic_output_files([results_path], force=args.force, flag="--out") as staged:
             with open(staged[results_path], "w") as f:
                 json.dump({"stride": args.stride, "tokens": len(ids), "perplexity": table}, f, indent=1)
     except _ERRORS as e:
@@ -276,7 +276,7 @@ def compare_niah(argv: Optional[List[str]] = None) -> int:
             raise ValueError("the two results cover different lengths or depths: evaluate both on the same grid")
         lengths, depths = axes[0]
         grids = [score_grid(r, lengths, depths) for r in loaded]
-        with atomic_output_files([args.out], force=args.force) as staged:
+        with atomic_output_files([args.out], force=args.force, flag="--out") as staged:
             plot_niah_comparison(grids, args.labels, lengths, depths, staged[args.out])
     except _ERRORS as e:
         return _fail(e)
@@ -329,7 +329,7 @@ def plot_harpe_bases(argv: Optional[List[str]] = None) -> int:
         return 2
     from megatron_harpe.outputs import atomic_output_files
 
-    with atomic_output_files([args.out], force=args.force) as staged:
+    with atomic_output_files([args.out], force=args.force, flag="--out") as staged:
         plot_bases(bases, staged[args.out], head_dim=args.head_dim, target_length=args.target_length,
                    single_base=args.abf_base,
                    compare=PAPER_LLAMA2_7B_BASES if len(bases) == len(PAPER_LLAMA2_7B_BASES) else None)
