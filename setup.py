@@ -29,10 +29,22 @@ setup(
         "hf": ["transformers>=5.24,<6"],
         "plots": ["matplotlib"],
     },
+    # Every command; tools/*.py are the same functions as scripts (tests/integration/test_tools_help.py checks the pairs).
     entry_points={
         "console_scripts": [
-            "harpe-demo=megatron_harpe.demo:main",
-            "harpe-select-bases=megatron_harpe.bases_cli:main",
+            "harpe-select-bases=megatron_harpe.cli:select_bases",
+            "harpe-demo=megatron_harpe.cli:demo",
+            "harpe-convert-hf-to-megatron=megatron_harpe.convert.cli:hf_to_megatron",
+            "harpe-convert-megatron-to-hf=megatron_harpe.convert.cli:megatron_to_hf",
+            "harpe-reshard-megatron=megatron_harpe.convert.cli:reshard",
+            "harpe-plan-parallelism=megatron_harpe.planning.cli:main",
+            "harpe-eval-niah=megatron_harpe.eval.cli:eval_niah",
+            "harpe-eval-passkey=megatron_harpe.eval.cli:eval_passkey",
+            "harpe-eval-perplexity=megatron_harpe.eval.cli:eval_perplexity",
+            "harpe-compare-niah=megatron_harpe.eval.cli:compare_niah",
+            "harpe-make-synthetic-corpus=megatron_harpe.data.cli:make_synthetic_corpus",
+            "harpe-preprocess-data=megatron_harpe.data.cli:preprocess_data",
+            "harpe-build-long-context-mix=megatron_harpe.data.cli:build_long_context_mix",
         ]
     },
 )

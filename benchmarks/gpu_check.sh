@@ -32,7 +32,7 @@
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=../examples/llama2_common.sh
-source "$REPO/examples/llama2_common.sh"   # harpe_attention_backend: the launch scripts' flash-attn probe
+source "$REPO/examples/llama2_common.sh"   # the flash-attn probe (harpe_attention_backend) and the recipe
 
 usage() {
   cat <<'USAGE'
@@ -182,22 +182,33 @@ ROPE_CMD=( "$PY" benchmarks/rope.py --device cuda --seq 32768 131072 --dtypes bf
 # One process on one GPU; --standalone picks a free rendezvous port. No --harpe-engine: auto is megatron on CUDA.
 LAUNCH=( env CUDA_DEVICE_MAX_CONNECTIONS=1 "$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node 1
          pretrain_harpe.py )
-# The Llama-2 recipe of examples/llama2_common.sh on a small Llama; no --save, no evaluation, no recompute.
-MODEL_ARGS=( --num-layers 8 --hidden-size 2048 --ffn-hidden-size 5504 --num-attention-heads 16
-             --group-query-attention --num-query-groups 8
-             --seq-length 32768 --max-position-embeddings 32768
-             --normalization RMSNorm --norm-epsilon 1e-5 --swiglu --disable-bias-linear
-             --untie-embeddings-and-output-weights --attention-dropout 0 --hidden-dropout 0
-             --micro-batch-size 1 --global-batch-size 2 --train-iters 20
-             --lr 2e-5 --min-lr 2e-5 --lr-decay-style constant --lr-warmup-iters 2
-             --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
-             --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 --context-parallel-size 1
+# The small Llama of the pretrain runs, and of the planner's estimate beside them.
+PLANNER_MODEL='{"num_layers": 8, "hidden_size": 2048, "ffn_hidden_size": 5504, "num_attention_heads": 16,
+ "num_query_groups": 8, "vocab_size": 32000}'
+# small_recipe ARG...: python -m megatron_harpe.recipes ARG... for the small Llama at 32768 tokens on one GPU, 20
+# iterations, with none of the caller's launch settings (TP, LR, ... are the launch scripts', not this check's).
+small_recipe() {
+  ( unset "${HARPE_SETTINGS[@]}"
+    MODEL=$PLANNER_MODEL SEQ_LENGTH=32768 TP=1 PP=1 CP=1 MBS=1 GBS=2 TRAIN_ITERS=20 WARMUP_ITERS=2
+    harpe_recipe "$@" )
+}
+# recipe_flags NAME ARG...: the array NAME from small_recipe's lines (exit 2 with its error when it fails).
+recipe_flags() {
+  local name=$1 lines
+  shift
+  lines=$(small_recipe "$@") || exit 2
+  mapfile -t "$name" <<< "$lines"
+}
+# The paper's Llama-2 recipe (shape, batch, optimiser, layout: megatron_harpe/recipes.py) on the small Llama; no
+# --save, no evaluation, no recompute.
+recipe_flags RECIPE_ARGS --part base harpe
+MODEL_ARGS=( "${RECIPE_ARGS[@]}"
              --bf16 "${SPEC_ARGS[@]}" --attention-backend "$ATTENTION_BACKEND"
              --mock-data --tokenizer-type NullTokenizer --vocab-size 32000
              --no-create-attention-mask-in-dataloader --seed 1234
              --log-interval 1 --log-throughput --log-memory-interval 10 --eval-iters 0 --eval-interval 1000 )
-HARPE_ROPE=( --position-embedding-type rope --harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6 )
-STANDARD_ROPE=( --position-embedding-type rope --rotary-base 5000000 )
+recipe_flags HARPE_ROPE --part rope harpe -- --harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6
+recipe_flags STANDARD_ROPE --part rope abf   # megatron's standard RoPE at ABF's base, 5e6
 REPORT_CMD=( "$PY" benchmarks/gpu_check_report.py table "$out" )
 
 # --- running steps -------------------------------------------------------------------------------------------------
@@ -243,8 +254,6 @@ run_step() {
 # The planner's estimate for the small Llama above (one GPU, no distributed optimizer, no recompute), which the
 # report sets beside the HARPE run's measured peak. A step's KIND (run_step's first argument) picks its row builder
 # in benchmarks/gpu_check_report.py (ROW_BUILDERS; unknown kinds are "generic": PASS on exit 0, the log's last line).
-PLANNER_MODEL='{"num_layers": 8, "hidden_size": 2048, "ffn_hidden_size": 5504, "num_attention_heads": 16,
- "num_query_groups": 8, "vocab_size": 32000}'
 PLANNER_CMD=( "$PY" tools/plan_parallelism.py --model "$out/small_llama.json" --seq-length 32768 --gpus 1
               --gpu-memory 1024 --headroom 0 --micro-batch-size 1 --global-batch-size 2 --tp 1 --pp 1 --cp 1
               --recompute none --no-distributed-optimizer --show-infeasible --top 1 --json )

@@ -14,7 +14,7 @@ exits 1 if any row failed. Only the standard library is imported here, so the ta
 The log formats parsed are megatron-core 0.19's (``megatron/training/training.py`` ``training_log``,
 ``megatron/training/utils/common_utils.py`` ``report_memory``, ``theoretical_memory_usage.py``), pytest's
 summary line and its ``-rA`` outcome lines (``PASSED tests/x.py::test``), and two lines ``pretrain_harpe.py``
-prints once (rank 0): the layer spec when it builds the model (``megatron_harpe/training/model_provider.py``) and
+prints once (rank 0): the layer spec when it builds the model (``megatron_harpe/model_from_args.py``) and
 the HARPE RoPE kernel at its first call (``megatron_harpe/kernels/__init__.py``), each at the start of a line
 (after torchrun's ``[rankN]: `` where it adds one):
 

@@ -7,7 +7,7 @@
 For each sequence length and dtype (h=32 heads, d=128, batch 1, one layer's q and k):
   * with ``--check-kernels``: HARPE's Triton kernel against HARPE's torch kernel, forward and backward (the
     largest difference relative to the largest input, against the tolerance of tests/kernels/test_triton_rope.py);
-  * bytes saved for backward (torch.autograd.graph.saved_tensors_hooks):
+  * bytes saved for backward (megatron_harpe.kernels.saved_bytes: each storage once):
       HARPE kernel / megatron standard RoPE, and megatron unfused per-head / standard;
   * forward+backward time: HARPE kernel / megatron's unfused standard RoPE, / Liger-Kernel's Triton RoPE
     (standard, one base; CUDA, where liger-kernel is installed) and / TE's fused RoPE (standard; CUDA, where
@@ -31,6 +31,7 @@ import time
 import torch
 
 from megatron_harpe.kernels import harpe_rope_qk, resolve_kernel
+from megatron_harpe.kernels.saved_bytes import saved_bytes
 from megatron_harpe.rotary import inverse_frequencies, materialize_frequencies
 
 HEADS, DIM = 32, 128
@@ -115,10 +116,10 @@ def contenders(seq, dtype, device):
     ``to_layout`` turns megatron's ``[s, b, h, d]`` q, k (and the output gradients) into what ``fn`` takes, outside
     the timed region; ``from_layout`` turns ``fn``'s outputs back (a view, for comparisons). All use the same
     positions; every contender but "harpe" and "unfused_per_head" is standard RoPE with base 5e6."""
-    from megatron_harpe.configs import llama_config
+    from megatron_harpe.shape import LlamaShape
 
-    config = llama_config(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS, ffn_hidden_size=64,
-                          cpu=device.type == "cpu")
+    shape = LlamaShape(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS, ffn_hidden_size=64)
+    config = shape.transformer_config(cpu=device.type == "cpu")
     config.apply_rope_fusion = False
     apply = megatron_rope(config)
     positions = torch.arange(seq, dtype=torch.float32, device=device)
@@ -198,20 +199,10 @@ def qk(seq, dtype, device):
     return q, k
 
 
-def saved_bytes(contender, seq, dtype, device):
+def contender_saved_bytes(contender, seq, dtype, device):
     fn, to_layout, _ = contender
     q, k = qk(seq, dtype, device)
-    inputs = (to_layout(q), to_layout(k))
-    sizes = {}  # by storage: what the autograd graph keeps alive, each buffer once
-
-    def pack(t):
-        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        outs = fn(*inputs)
-    del outs
-    return sum(sizes.values())
+    return saved_bytes(fn, to_layout(q), to_layout(k))
 
 
 def fwd_bwd_time(fns, seq, dtype, device, repeats):
@@ -238,7 +229,7 @@ def model_step_ratio(device, repeats):
     from megatron.core.models.gpt import GPTModel
 
     from megatron_harpe import HarpeGPTModel, harpe_layer_spec
-    from megatron_harpe.configs import llama_config
+    from megatron_harpe.shape import LlamaShape
     from megatron_harpe.cpu_compat import megatron_on_cpu
     from megatron_harpe.distributed import free_port, init_model_parallel, init_process_group
     from megatron_harpe.model import standard_layer_spec
@@ -247,8 +238,8 @@ def model_step_ratio(device, repeats):
         init_process_group(0, 1, free_port())
         init_model_parallel()
     seq, vocab = 1024, 1024
-    config = llama_config(num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1376,
-                          cpu=device.type == "cpu")
+    shape = LlamaShape(num_layers=4, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1376)
+    config = shape.transformer_config(cpu=device.type == "cpu")
     from megatron_harpe.model import resolve_impl
 
     impl = resolve_impl("auto")  # TE where it is importable on CUDA, else local: both models on the same spec
@@ -332,7 +323,7 @@ def main(argv=None):
             fns, missing = contenders(seq, dtype, device)
             if "liger_standard" in fns:
                 row["check liger/std"] = check_liger(fns, seq, dtype, device)
-            saved = {name: saved_bytes(fn, seq, dtype, device) for name, fn in fns.items()}
+            saved = {name: contender_saved_bytes(fn, seq, dtype, device) for name, fn in fns.items()}
             timed = fwd_bwd_time(fns, seq, dtype, device, args.repeats)
             # Bytes the kernel must move: read q, k and write them (fwd), read grads and write them (bwd).
             moved = 4 * 2 * seq * HEADS * DIM * torch.empty((), dtype=dtype).element_size()

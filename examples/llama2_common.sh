@@ -1,8 +1,9 @@
-# Shared by examples/pretrain_*.sh (source it; do not run it): Llama-2 shapes, the paper's training settings as
-# Megatron-LM flags, a torchrun launcher, the launch scripts' command line and --dry-run. Every setting below is an
-# environment variable.
+# Shared by examples/pretrain_*.sh (source it; do not run it): a torchrun launcher, the launch scripts' command line
+# and --dry-run. The command's flags are the paper's recipes in megatron_harpe/recipes.py (shapes, layouts, the
+# training settings); every setting is an environment variable (HARPE_SETTINGS below).
 #
-# A launcher sets MODEL (7b|13b|70b|tiny), its own RoPE flags in ROPE_ARGS, then calls `harpe_launch "$@"`.
+# A launcher sets MODEL (7b|13b|70b|tiny) and HARPE_RECIPE (the recipe and its arguments, e.g. ( abf )), then calls
+# `harpe_launch "$@"`.
 # Its command line: --dry-run prints the full command instead of running it; `-- FLAG ...` appends more
 # pretrain_harpe.py flags (as EXTRA_ARGS does); -h/--help prints its usage; anything else is refused.
 # Before printing or launching, pretrain_harpe.py --harpe-check-only runs the trainer's own checks on the command
@@ -63,28 +64,6 @@ harpe_attention_backend() {
   fi
 }
 
-# Llama-2 (Touvron et al. 2023). 70B uses GQA with 8 query groups: one HARPE base per group.
-llama2_shape_args() {
-  case $1 in
-    7b)   echo "--num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32" ;;
-    13b)  echo "--num-layers 40 --hidden-size 5120 --ffn-hidden-size 13824 --num-attention-heads 40" ;;
-    70b)  echo "--num-layers 80 --hidden-size 8192 --ffn-hidden-size 28672 --num-attention-heads 64 --group-query-attention --num-query-groups 8" ;;
-    tiny) echo "--num-layers 2 --hidden-size 64 --ffn-hidden-size 128 --num-attention-heads 4 --group-query-attention --num-query-groups 2" ;;
-    *) echo "unknown MODEL '$1': choose 7b, 13b, 70b or tiny" >&2; return 2 ;;
-  esac
-}
-
-# Parallel layout chosen to fit 8 x 80 GB GPUs per node at 131072 tokens, bf16, full recompute, DP=1.
-# tools/plan_parallelism.py lists the others that fit and prints them as these variables (--emit-env).
-llama2_default_layout() {
-  case $1 in
-    7b)   echo "1 4 1 2" ;;    # NNODES TP PP CP:  8 GPUs
-    13b)  echo "2 8 1 2" ;;    #                  16 GPUs
-    70b)  echo "16 8 4 4" ;;   #                 128 GPUs
-    tiny) echo "1 1 1 1" ;;
-  esac
-}
-
 # tools/plan_parallelism.py --emit-env exports its layout with HARPE_PLAN_MODEL, the model it was planned for: a
 # launch of another model refuses it instead of running, say, 70B on a 7B plan's one node.
 harpe_check_plan() {
@@ -96,89 +75,49 @@ harpe_check_plan() {
   fi
 }
 
+# The settings megatron_harpe/recipes.py reads (its ENV_NAMES): passed to it exported, as launchers set some as
+# plain shell variables. Unset or empty: the recipe's default.
+HARPE_SETTINGS=( MODEL NNODES GPUS_PER_NODE TP PP CP SEQ_LENGTH TOKENS_PER_STEP TRAIN_TOKENS MBS GBS TRAIN_ITERS LR
+                 WARMUP_ITERS WEIGHT_DECAY SAVE_INTERVAL LOG_INTERVAL EVAL_INTERVAL EVAL_ITERS SEED RECOMPUTE
+                 RECOMPUTE_NUM_LAYERS RUN_NAME SAVE LOAD DATA_PATH TOKENIZER_MODEL SPLIT MOCK_DATA VOCAB_SIZE
+                 ATTENTION_BACKEND EXTRA_ARGS HARPE_ARGS ROPE_BASE PI_FACTOR YARN_SCALE STAGE_TOKENS )
+
+# The python that computes the recipe: the repo's .venv/bin/python if present, else python3. Not PYTHON: that is
+# the training environment's, and the recipe needs only the standard library and this repository.
+harpe_recipe_python() {
+  if [[ -x $REPO/.venv/bin/python ]]; then echo "$REPO/.venv/bin/python"; else echo python3; fi
+}
+
+# harpe_recipe ARG...: python -m megatron_harpe.recipes ARG... with the settings exported and this repository first
+# on the path.
+harpe_recipe() {
+  ( export "${HARPE_SETTINGS[@]}"
+    PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} exec "$(harpe_recipe_python)" -m megatron_harpe.recipes "$@" )
+}
+
 harpe_settings() {
   MODEL=${MODEL:-7b}
   harpe_check_plan || return
-  read -r d_nnodes d_tp d_pp d_cp <<< "$(llama2_default_layout "$MODEL")"
-  NNODES=${NNODES:-$d_nnodes}
-  GPUS_PER_NODE=${GPUS_PER_NODE:-8}
   NODE_RANK=${NODE_RANK:-0}
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   MASTER_PORT=${MASTER_PORT:-6000}
-  TP=${TP:-$d_tp}
-  PP=${PP:-$d_pp}
-  CP=${CP:-$d_cp}
-  SEQ_LENGTH=${SEQ_LENGTH:-131072}
-  # Fu et al. 2024 (followed by the paper): about 4M tokens per step, 6B tokens, lr 2e-5 constant.
-  TOKENS_PER_STEP=${TOKENS_PER_STEP:-4194304}
-  TRAIN_TOKENS=${TRAIN_TOKENS:-6000000000}
-  MBS=${MBS:-1}
-  GBS=${GBS:-$(( TOKENS_PER_STEP / SEQ_LENGTH ))}
-  TRAIN_ITERS=${TRAIN_ITERS:-$(( (TRAIN_TOKENS + GBS * SEQ_LENGTH - 1) / (GBS * SEQ_LENGTH) ))}
-  LR=${LR:-2e-5}
-  WARMUP_ITERS=${WARMUP_ITERS:-20}
-  WEIGHT_DECAY=${WEIGHT_DECAY:-0.1}   # not stated by the paper; Llama-2's pretraining value
-  SAVE_INTERVAL=${SAVE_INTERVAL:-100}
-  LOG_INTERVAL=${LOG_INTERVAL:-1}
-  EVAL_INTERVAL=${EVAL_INTERVAL:-100}
-  EVAL_ITERS=${EVAL_ITERS:-4}
-  SEED=${SEED:-1234}
-  RECOMPUTE=${RECOMPUTE:-full}        # full | block | selective | none (tools/plan_parallelism.py picks one)
-  RECOMPUTE_NUM_LAYERS=${RECOMPUTE_NUM_LAYERS:-1}   # block: layers per pipeline stage recomputed in full
-  RUN_NAME=${RUN_NAME:-llama2-${MODEL}-harpe}
-  SAVE=${SAVE:-checkpoints/$RUN_NAME}
-  LOAD=${LOAD:-}                      # converted Hugging Face checkpoint (tools/convert_hf_to_megatron.py)
-  DATA_PATH=${DATA_PATH:-}            # Megatron blend: "PREFIX" or "W1 PREFIX1 W2 PREFIX2 ..."
-  TOKENIZER_MODEL=${TOKENIZER_MODEL:-}
-  SPLIT=${SPLIT:-99990,8,2}           # train,valid,test shares of DATA_PATH's documents
-  MOCK_DATA=${MOCK_DATA:-0}
   PYTHON=$(harpe_python)
   LAUNCHER=${LAUNCHER:-torchrun}      # torchrun, or "python" for one process (CPU runs)
   TORCHRUN=$(harpe_torchrun)
-  EXTRA_ARGS=${EXTRA_ARGS:-}          # more pretrain_harpe.py flags, as after `--` on the command line
 }
 
-# Megatron-LM flags for the model, optimiser, parallelism, data and checkpoints.
+# The recipe's command for these settings: ARGS, and the settings it resolved (NNODES, TP, GBS, SAVE, ...), then
+# the flags after the script's `--`. On a GPU run the flash-attn probe answers ATTENTION_BACKEND unless it is set.
 harpe_megatron_args() {
-  local placeholder_ok=$1
-  ARGS=( $(llama2_shape_args "$MODEL") )
-  ARGS+=( --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
-          --normalization RMSNorm --norm-epsilon 1e-5 --swiglu --disable-bias-linear
-          --untie-embeddings-and-output-weights --attention-dropout 0 --hidden-dropout 0
-          --micro-batch-size "$MBS" --global-batch-size "$GBS" --train-iters "$TRAIN_ITERS"
-          --lr "$LR" --min-lr "$LR" --lr-decay-style constant --lr-warmup-iters "$WARMUP_ITERS"
-          --optimizer adam --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay "$WEIGHT_DECAY" --clip-grad 1.0
-          --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --context-parallel-size "$CP"
-          --no-create-attention-mask-in-dataloader --seed "$SEED"
-          --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
-          --save-interval "$SAVE_INTERVAL" --ckpt-format torch_dist --save "$SAVE" --load "$SAVE" )
+  local placeholders=() out
+  if [[ $1 == 1 ]]; then placeholders=( --placeholders ); fi
   if [[ $MODEL != tiny ]]; then
-    local backend
-    backend=$(harpe_attention_backend) || return
-    ARGS+=( --bf16 --transformer-impl transformer_engine --attention-backend "$backend" --use-distributed-optimizer
-            --overlap-grad-reduce --overlap-param-gather --distributed-timeout-minutes 60 )
-    if (( TP > 1 )); then ARGS+=( --sequence-parallel ); fi
-    case $RECOMPUTE in
-      full) ARGS+=( --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 ) ;;
-      block) ARGS+=( --recompute-granularity full --recompute-method block --recompute-num-layers "$RECOMPUTE_NUM_LAYERS" ) ;;
-      selective) ARGS+=( --recompute-granularity selective ) ;;
-      none) ;;
-      *) echo "RECOMPUTE=$RECOMPUTE: choose full, block, selective or none" >&2; return 2 ;;
-    esac
-  else
-    ARGS+=( --transformer-impl local )   # the tiny CPU model: megatron's local spec with the SDPA core attention
+    ATTENTION_BACKEND=$(harpe_attention_backend) || return
   fi
-  # The first run fine-tunes from LOAD; a restart resumes from SAVE (Megatron's --pretrained-checkpoint).
-  if [[ -n $LOAD ]]; then ARGS+=( --pretrained-checkpoint "$LOAD" ); fi
-  if [[ $MOCK_DATA == 1 ]]; then
-    ARGS+=( --mock-data --tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-32000}" )
-  else
-    local data=${DATA_PATH:-} tok=${TOKENIZER_MODEL:-}
-    if [[ $placeholder_ok == 1 ]]; then data=${data:-'<DATA_PATH>'}; tok=${tok:-'<TOKENIZER_MODEL>'}; fi
-    ARGS+=( --data-path $data --split "$SPLIT" --tokenizer-type Llama2Tokenizer --tokenizer-model "$tok" )
-  fi
-  # shellcheck disable=SC2206
-  ARGS+=( ${ROPE_ARGS[@]+"${ROPE_ARGS[@]}"} $EXTRA_ARGS ${HARPE_PASS_ARGS[@]+"${HARPE_PASS_ARGS[@]}"} )
+  out=$(harpe_recipe "${HARPE_RECIPE[0]}" --shell ${placeholders[@]+"${placeholders[@]}"} "${HARPE_RECIPE[@]:1}") \
+    || return 2
+  eval "$out"
+  ARGS+=( ${HARPE_PASS_ARGS[@]+"${HARPE_PASS_ARGS[@]}"} )
 }
 
 # harpe_check: pretrain_harpe.py --harpe-check-only on the command, for the job torchrun would start (WORLD_SIZE
@@ -275,9 +214,18 @@ harpe_cli() {
 # folder): it runs once every check has passed, right before the launch.
 harpe_launch() {
   harpe_cli "$@"
+  harpe_prepare || return
+  harpe_run
+}
+
+# harpe_prepare: the settings and the command (after harpe_cli); harpe_run: check, then print (--dry-run) or launch.
+harpe_prepare() {
   harpe_settings || return
   harpe_megatron_args "$HARPE_DRY_RUN" || return
   harpe_command
+}
+
+harpe_run() {
   if (( HARPE_DRY_RUN )); then
     harpe_check || return
     printf '%q ' "${CMD[@]}"; printf '\n'

@@ -3,7 +3,5 @@
 # otherwise the HARPE recipe. Standard megatron RoPE (no --harpe-* flags).
 set -euo pipefail
 source "$(dirname "$0")/llama2_common.sh"
-MODEL=${MODEL:-7b}
-RUN_NAME=${RUN_NAME:-llama2-${MODEL}-abf}
-ROPE_ARGS=( --position-embedding-type rope --rotary-base "${ROPE_BASE:-5000000}" )
+HARPE_RECIPE=( abf )   # ROPE_BASE (default 5e6)
 harpe_launch "$@"

@@ -8,26 +8,23 @@ source "$(dirname "$0")/llama2_common.sh"
 harpe_cli "$@"       # once, before the stages: a wrong argument or a plan for another model stops all three
 MODEL=${MODEL:-7b}
 harpe_check_plan
-run=${RUN_NAME:-llama2-${MODEL}-abf-multistage}
-root=${SAVE:-checkpoints/$run}
-stage_tokens=${STAGE_TOKENS:-2000000000}
 # Probed once for the three stages (one warning where flash-attn is missing); ATTENTION_BACKEND still wins.
 if [[ $MODEL != tiny ]]; then ATTENTION_BACKEND=$(harpe_attention_backend); fi
-# stages WHAT ARG...: harpe_launch ARG... of each stage in turn; WHAT says so on stderr ("stage" or "checking stage").
+count=$(harpe_recipe abf_multistage --stages)
+# stages WHAT ARG...: each stage's command (megatron_harpe/recipes.py: SAVE/stageN, LOAD the stage before, GBS and
+# TRAIN_ITERS from TOKENS_PER_STEP and STAGE_TOKENS) checked and run in turn; WHAT says so on stderr ("stage" or
+# "checking stage").
 stages() {
-  local what=$1 stage=0 previous=${LOAD:-} spec base length
+  local what=$1 stage
   shift
-  for spec in "1000000 32768" "2000000 65536" "5000000 131072"; do
-    stage=$((stage + 1))
-    read -r base length <<< "$spec"
-    echo "# $what $stage: RoPE base $base, $length tokens" >&2
+  for (( stage = 1; stage <= count; stage++ )); do
     (
-      SAVE=$root/stage$stage LOAD=$previous SEQ_LENGTH=$length TRAIN_TOKENS=$stage_tokens
-      unset GBS TRAIN_ITERS   # derived per stage from TOKENS_PER_STEP and the stage's length
-      ROPE_ARGS=( --position-embedding-type rope --rotary-base "$base" )
-      harpe_launch "$@"
+      HARPE_RECIPE=( abf_multistage --stage "$stage" )
+      harpe_cli "$@"
+      harpe_prepare || exit
+      echo "# $what $stage: RoPE base $ROPE_BASE, $SEQ_LENGTH tokens" >&2
+      harpe_run
     )
-    previous=$root/stage$stage
   done
 }
 # A launch checks the three stages' settings first: stage 3's layout is not found wrong after two stages of training.

@@ -11,12 +11,5 @@
 # --harpe-stride 30000". Models whose group count is not 32 (13B: 40 heads, 70B: 8 groups) search by default.
 set -euo pipefail
 source "$(dirname "$0")/llama2_common.sh"
-MODEL=${MODEL:-7b}
-if [[ $MODEL == 7b ]]; then
-  default_harpe="--harpe-bases paper-llama2-7b"
-else
-  default_harpe="--harpe-strategy peak_valley --harpe-base-min 1e6 --harpe-base-max 5e6 --harpe-stride 30000"
-fi
-# shellcheck disable=SC2206
-ROPE_ARGS=( --position-embedding-type rope ${HARPE_ARGS:-$default_harpe} )
+HARPE_RECIPE=( harpe )   # HARPE_ARGS, else the shape's default bases (megatron_harpe/recipes.py: harpe_rope)
 harpe_launch "$@"

@@ -3,7 +3,5 @@
 # through Megatron's --rotary-seq-len-interpolation-factor.
 set -euo pipefail
 source "$(dirname "$0")/llama2_common.sh"
-MODEL=${MODEL:-7b}
-RUN_NAME=${RUN_NAME:-llama2-${MODEL}-pi}
-ROPE_ARGS=( --position-embedding-type rope --rotary-base 10000 --rotary-seq-len-interpolation-factor "${PI_FACTOR:-32}" )
+HARPE_RECIPE=( pi )   # PI_FACTOR (default 32)
 harpe_launch "$@"

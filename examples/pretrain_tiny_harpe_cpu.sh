@@ -38,7 +38,7 @@ SEQ_LENGTH=${SEQ_LENGTH:-256} MBS=${MBS:-2} GBS=${GBS:-8} TRAIN_ITERS=${TRAIN_IT
 LR=${LR:-1e-3} WARMUP_ITERS=${WARMUP_ITERS:-4} SAVE_INTERVAL=${SAVE_INTERVAL:-20} EVAL_INTERVAL=${EVAL_INTERVAL:-20}
 EVAL_ITERS=${EVAL_ITERS:-2} LOG_INTERVAL=${LOG_INTERVAL:-5}
 SAVE=$out/checkpoints MASTER_PORT=${MASTER_PORT:-$(( 20000 + RANDOM % 20000 ))}
-ROPE_ARGS=( --position-embedding-type rope --harpe-strategy peak_valley --harpe-base-min 1e4 --harpe-base-max 1e6
-            --harpe-stride 1e4 --harpe-engine compact --harpe-metrics-file "$out/metrics.jsonl" )
+HARPE_RECIPE=( harpe -- --harpe-strategy peak_valley --harpe-base-min 1e4 --harpe-base-max 1e6 --harpe-stride 1e4
+               --harpe-engine compact --harpe-metrics-file "$out/metrics.jsonl" )
 harpe_launch ${dry[@]+"${dry[@]}"} ${pass[@]+"${pass[@]}"}
 if [[ ${#dry[@]} == 0 ]]; then echo "checkpoints: $SAVE  metrics: $out/metrics.jsonl"; fi   # --dry-run exits 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole chain on the embedded default, on a CPU, no downloads (about four minutes on 2 cores):
+# The whole chain on the embedded default, on a CPU, no downloads:
 #   1. HARPE bases: the paper's and a peak-valley search, their waveforms, a TP=2 check  -> OUTDIR/demo
 #   2. synthetic sources -> 2000-piece tokenizer -> .bin/.idx -> Fu et al. mixture         -> OUTDIR/data
 #   3. a tiny HARPE Llama pretrained on it (compact engine, tensor parallel 2)           -> OUTDIR/run
@@ -21,7 +21,7 @@ done
 written=(demo data run hf eval)
 if [[ -d $out && -n $(ls -A "$out") ]]; then
   if [[ $force == 0 ]]; then
-    echo "error: $out exists and is not empty: choose another OUTDIR or pass --force to replace it" >&2; exit 2
+    echo "error: $out exists and is not empty: choose another OUTDIR or pass --force to replace it" >&2; exit 1
   fi
   foreign=()
   for entry in "$out"/* "$out"/.[!.]*; do
@@ -30,7 +30,7 @@ if [[ -d $out && -n $(ls -A "$out") ]]; then
   done
   if (( ${#foreign[@]} )); then
     echo "error: $out holds ${foreign[*]}, which the quickstart did not write: --force would delete them;" \
-         "move them or choose another OUTDIR" >&2; exit 2
+         "move them or choose another OUTDIR" >&2; exit 1
   fi
   for entry in "${written[@]}"; do rm -rf "${out:?}/$entry"; done
 fi

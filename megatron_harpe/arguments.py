@@ -1,5 +1,8 @@
 """``--harpe-*`` flags on top of Megatron-LM's argument parser, and their validation against the model.
 
+The base-selection flags are declared once, by :func:`add_harpe_base_arguments` (the trainer's ``--harpe-*``,
+conversion's, select_bases' ``--bases``/``--strategy``), and read back by :func:`resolve_harpe_bases`.
+
 Pass :func:`add_harpe_args` as Megatron's ``extra_args_provider``; after ``validate_args`` call
 :func:`resolve_harpe_args`, which checks the flags against the model shape, turns a strategy into a concrete
 list of bases and writes that list back to ``args.harpe_bases``. Megatron saves ``args`` in every checkpoint,
@@ -17,17 +20,17 @@ import argparse
 import logging
 import os
 import sys
-from typing import Optional
+from functools import partial
 
 from megatron_harpe.bases import PRESETS, STRATEGIES, parse_bases, select_bases, validate_bases
-from megatron_harpe.self_attention import ROPE_IMPLS
+from megatron_harpe.command import UsageError
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("auto", "megatron", "compact")
 
 
-class HarpeArgumentError(ValueError):
+class HarpeArgumentError(UsageError):  # a ValueError too, as before
     """A ``--harpe-*`` flag that does not fit the rest of the command line."""
 
 
@@ -62,23 +65,127 @@ def _escape_percent_in_help(parser: argparse.ArgumentParser) -> None:
             action.help = action.help.replace("%", "%%")
 
 
+# What a strategy's search uses when its flag is not given (the paper's values).
+SEARCH_DEFAULTS = {"base_min": 1e6, "base_max": 5e6, "stride": 30000.0}
+SEARCH_FLAGS = ("base_min", "base_max", "stride", "target_length", "descending")
+
+
+def _flag(prefix: str, name: str) -> str:
+    return prefix + name.replace("_", "-")
+
+
+def _value(args: argparse.Namespace, prefix: str, name: str):
+    return getattr(args, prefix.lstrip("-").replace("-", "_") + name, None)
+
+
+def add_harpe_base_arguments(parser_or_group, *, prefix: str = "--harpe-", search_defaults: bool = True,
+                             target_length: bool = True, neither: str = "standard RoPE") -> None:
+    """The base-selection flags, declared once for every command that chooses bases; read them back with
+    :func:`resolve_harpe_bases` (same ``prefix`` and ``search_defaults``).
+
+    ``search_defaults``: the trainer's flags carry the paper's values (megatron saves them in every checkpoint's
+    args) and a search flag beside a list is unused; without it they default to None, --bases and --strategy
+    exclude each other, and a search flag the chosen source does not read is refused (conversion, select_bases).
+    ``target_length=False`` leaves ``{prefix}target-length`` to a tool that declares its own; ``neither`` says (in
+    the help) what a command line without bases or strategy means.
+    """
+    flag = partial(_flag, prefix)
+    bases_help = ("one RoPE base per query group: comma-separated numbers or a preset "
+                  f"({', '.join(PRESETS)}: the paper's Table 2 for Llama-2-7B)")
+    strategy_help = ("choose the bases: peak_valley (the paper's Algorithm 1), uniform (Eq. 9) or geometric; "
+                     f"neither {flag('bases')} nor a strategy: {neither}")
+    if search_defaults:
+        parser_or_group.add_argument(flag("bases"), type=str, default=None, help=bases_help)
+        parser_or_group.add_argument(flag("strategy"), choices=(*STRATEGIES, "none"), default="none",
+                                     help=strategy_help + " ('none', the default)")
+    else:
+        source = parser_or_group.add_mutually_exclusive_group()
+        source.add_argument(flag("bases"), type=str, default=None, help=bases_help)
+        source.add_argument(flag("strategy"), choices=STRATEGIES, default=None, help=strategy_help)
+    default = SEARCH_DEFAULTS if search_defaults else dict.fromkeys(SEARCH_DEFAULTS)
+    parser_or_group.add_argument(flag("base_min"), type=float, default=default["base_min"],
+                                 help="smallest base of a strategy's search (paper: 1e6)")
+    parser_or_group.add_argument(flag("base_max"), type=float, default=default["base_max"],
+                                 help="largest base of a strategy's search (paper: 5e6)")
+    parser_or_group.add_argument(flag("stride"), type=float, default=default["stride"],
+                                 help="peak_valley candidate stride (paper: 30000)")
+    if target_length:
+        parser_or_group.add_argument(flag("target_length"), type=int, default=None,
+                                     help="tokens the attention waveform covers in the base search "
+                                          "(default: --seq-length)")
+    parser_or_group.add_argument(flag("descending"), action="store_true",
+                                 default=False if search_defaults else None,
+                                 help="give the largest base to the first query group (the paper's order ablation)")
+
+
+def resolve_harpe_bases(args: argparse.Namespace, num_query_groups: int | None, head_dim: int,
+                        target_length: int | None, *, prefix: str = "--harpe-",
+                        search_defaults: bool = True) -> list[float] | None:
+    """The bases :func:`add_harpe_base_arguments`' flags ask for (``None``: neither a list nor a strategy).
+
+    ``num_query_groups``: how many the model needs (``None``: a list may hold any number); ``target_length``: what
+    the search covers unless ``{prefix}target-length`` says otherwise. Raises :class:`HarpeArgumentError` with what
+    to change.
+    """
+    flag = partial(_flag, prefix)
+    bases, strategy = _value(args, prefix, "bases"), _value(args, prefix, "strategy")
+    strategy = None if strategy == "none" else strategy
+    if isinstance(bases, str) and strategy is not None:
+        raise HarpeArgumentError(f"give either {flag('bases')} or {flag('strategy')}, not both (got {flag('bases')} "
+                                 f"{bases!r} and {flag('strategy')} {strategy})")
+    if not search_defaults:
+        refuse_unused_search_flags(args, prefix=prefix)
+    if bases is None and strategy is None:
+        return None
+    search = {name: SEARCH_DEFAULTS[name] if _value(args, prefix, name) is None else _value(args, prefix, name)
+              for name in SEARCH_DEFAULTS}
+    descending = bool(_value(args, prefix, "descending"))
+    try:
+        if isinstance(bases, str):
+            chosen = parse_bases(bases)
+        elif bases is not None:  # already resolved (args read back from a checkpoint)
+            chosen = list(bases)
+        else:
+            target = _value(args, prefix, "target_length") or target_length
+            chosen = select_bases(num_query_groups, strategy, search["base_min"], search["base_max"],
+                                  head_dim=head_dim, target_length=target, stride=search["stride"],
+                                  descending=descending)
+        chosen = validate_bases(chosen, len(chosen) if num_query_groups is None else num_query_groups)
+    except ValueError as e:
+        raise HarpeArgumentError(str(e)) from None
+    if isinstance(bases, str) and descending:
+        chosen = sorted(chosen, reverse=True)
+    return chosen
+
+
+def refuse_unused_search_flags(args: argparse.Namespace, *, prefix: str = "--harpe-") -> None:
+    """Refuse a search flag the chosen source of bases does not read (flags declared with ``search_defaults=False``,
+    where a value that is not None is one the user typed); a command calls it before any work."""
+    flag = partial(_flag, prefix)
+    bases, strategy = _value(args, prefix, "bases"), _value(args, prefix, "strategy")
+    if strategy is None:
+        given = [flag(name) for name in SEARCH_FLAGS if _value(args, prefix, name) is not None]
+        if given and bases is not None:
+            raise HarpeArgumentError(
+                f"{', '.join(given)} set the base search of {flag('strategy')}, but {flag('bases')} {bases} is a list "
+                f"of bases: drop {', '.join(given)}, or drop {flag('bases')} and pass {flag('strategy')}")
+        if given:
+            raise HarpeArgumentError(
+                f"{', '.join(given)} set the base search of {flag('strategy')}: add {flag('strategy')} "
+                f"(peak_valley, uniform or geometric), or drop them ({flag('bases')} "
+                "gives the bases themselves)")
+    elif strategy != "peak_valley" and _value(args, prefix, "stride") is not None:
+        raise HarpeArgumentError(
+            f"{flag('stride')} is peak_valley's candidate spacing; {flag('strategy')} {strategy} does not use it: "
+            f"drop {flag('stride')} or use {flag('strategy')} peak_valley")
+
+
 def add_harpe_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron ``extra_args_provider``: the HARPE group."""
+    from megatron_harpe.rotary import ROPE_IMPLS  # megatron-core; select_bases' --help imports this module
+
     group = parser.add_argument_group(title="HARPE (head-adaptive RoPE bases)")
-    group.add_argument("--harpe-bases", type=str, default=None,
-                       help="one RoPE base per query group: comma-separated numbers or a preset "
-                            f"({', '.join(PRESETS)}: the paper's Table 2 for Llama-2-7B)")
-    group.add_argument("--harpe-strategy", choices=(*STRATEGIES, "none"), default="none",
-                       help="choose the bases at start-up: peak_valley (the paper's Algorithm 1), uniform "
-                            "(Eq. 9) or geometric; 'none' (default) with no --harpe-bases trains standard RoPE")
-    group.add_argument("--harpe-base-min", type=float, default=1e6, help="smallest base (paper: 1e6)")
-    group.add_argument("--harpe-base-max", type=float, default=5e6, help="largest base (paper: 5e6)")
-    group.add_argument("--harpe-stride", type=float, default=30000,
-                       help="peak_valley candidate stride (paper: 30000)")
-    group.add_argument("--harpe-target-length", type=int, default=None,
-                       help="tokens the attention waveform covers in the base search (default: --seq-length)")
-    group.add_argument("--harpe-descending", action="store_true",
-                       help="give the largest base to the first query group (the paper's order ablation)")
+    add_harpe_base_arguments(group)
     group.add_argument("--harpe-rope-impl", choices=ROPE_IMPLS, default="auto",
                        help="how q and k are rotated: auto (Triton on CUDA, torch elsewhere), torch, triton, "
                             "or unfused (megatron's unfused RoPE with materialized per-head frequencies)")
@@ -108,7 +215,7 @@ def num_rope_groups(args: argparse.Namespace) -> int:
     return args.num_attention_heads
 
 
-def check_parallel_layout(args: argparse.Namespace, gpus_per_node: Optional[int] = None) -> None:
+def check_parallel_layout(args: argparse.Namespace, gpus_per_node: int | None = None) -> None:
     """The model shape against the parallel layout and the job's size, one error with what to change.
 
     Megatron-LM asserts some of these only in the model build (heads and query groups by TP) or in the micro-batch
@@ -152,7 +259,7 @@ def check_parallel_layout(args: argparse.Namespace, gpus_per_node: Optional[int]
                                  f"multiple of {mbs * dp}")
 
 
-def resolve_harpe_args(args: argparse.Namespace) -> Optional[list[float]]:
+def resolve_harpe_args(args: argparse.Namespace) -> list[float] | None:
     """Validate the ``--harpe-*`` flags against the model and fix the bases; ``None`` means standard RoPE.
 
     On return ``args.harpe_bases`` is the list of floats the model is built with (or ``None``).
@@ -160,12 +267,6 @@ def resolve_harpe_args(args: argparse.Namespace) -> Optional[list[float]]:
     """
     if not harpe_enabled(args):
         return None
-    strategy = args.harpe_strategy
-    bases = args.harpe_bases
-    if isinstance(bases, str) and strategy != "none":
-        raise HarpeArgumentError(
-            f"give either --harpe-bases or --harpe-strategy, not both (got --harpe-bases {bases!r} and "
-            f"--harpe-strategy {strategy})")
     if args.position_embedding_type != "rope":
         raise HarpeArgumentError(
             f"HARPE is a RoPE variant: use --position-embedding-type rope (got {args.position_embedding_type!r}); "
@@ -181,28 +282,17 @@ def resolve_harpe_args(args: argparse.Namespace) -> Optional[list[float]]:
     if not (args.kv_channels or (args.hidden_size and args.num_attention_heads)):
         raise HarpeArgumentError("HARPE needs the model shape: give --hidden-size and --num-attention-heads")
     head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
-    try:
-        if isinstance(bases, str):
-            chosen = parse_bases(bases)
-        elif bases is not None:  # already resolved (args read back from a checkpoint)
-            chosen = list(bases)
-        else:
-            target = args.harpe_target_length or args.seq_length or getattr(args, "encoder_seq_length", None)
-            chosen = select_bases(groups, strategy, args.harpe_base_min, args.harpe_base_max, head_dim=head_dim,
-                                  target_length=target, stride=args.harpe_stride, descending=args.harpe_descending)
-        chosen = validate_bases(chosen, groups)
-    except ValueError as e:
-        raise HarpeArgumentError(str(e)) from None
-    if isinstance(bases, str) and args.harpe_descending:
-        chosen = sorted(chosen, reverse=True)
+    chosen = resolve_harpe_bases(args, groups, head_dim,
+                                 args.seq_length or getattr(args, "encoder_seq_length", None))
     args.harpe_bases = chosen
     if getattr(args, "rank", 0) == 0:  # megatron's parse_args reads RANK; one line per job, not per rank
+        strategy = args.harpe_strategy
         logger.info("HARPE bases (%d, one per query group, %s): %s", len(chosen),
                     strategy if strategy != "none" else "given", ", ".join(f"{b:.6g}" for b in chosen))
     return chosen
 
 
-def harpe_bases_from_args(args: argparse.Namespace) -> Optional[list[float]]:
+def harpe_bases_from_args(args: argparse.Namespace) -> list[float] | None:
     """The bases a checkpoint's saved ``args`` were trained with (``None``: standard RoPE)."""
     bases = getattr(args, "harpe_bases", None)
     if bases is None:

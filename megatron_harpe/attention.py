@@ -5,8 +5,9 @@ and context parallelism, and Transformer Engine needs a GPU. This module takes t
 and ``forward`` contract so the local layer spec runs HARPE models on a CPU under every kind of
 parallelism Megatron uses. Under context parallelism K and V are all-gathered over the CP group (the
 micro-batch's ``packed_seq_params.cp_group`` when it brings one, as with Transformer Engine) and put back
-in sequence order; the causal mask is built from the true positions of Megatron's
-load-balanced layout (:mod:`megatron_harpe.positions`). It is a reference path: memory grows with
+in sequence order; the mask is built from the true positions of Megatron's load-balanced layout
+(:mod:`megatron_harpe.positions`) by :func:`allowed_keys`, a function of the shapes, the mask type, the CP
+rank and size and the user's mask alone. It is a reference path: memory grows with
 ``s_local * s``, which is fine for tests and small CPU runs. On GPUs use the TE spec.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class _GatherSequence(torch.autograd.Function):
         return grad.chunk(ctx.group.size(), dim=0)[ctx.group.rank()], None
 
 
-def _coordinates(length: int, packed: Optional[Tensor], cp_rank: int, cp_size: int, device):
+def _coordinates(length: int, packed: Tensor | None, cp_rank: int, cp_size: int, device):
     """(sequence id, index in the full sequence or packed batch) of the tokens a CP rank holds.
 
     ``length`` is the full sequence length (unpacked); ``packed`` the padded cu_seqlens (THD).
@@ -64,6 +64,43 @@ def _coordinates(length: int, packed: Optional[Tensor], cp_rank: int, cp_size: i
     seq_id, pos = cached_packed_local_coordinates(packed, cp_rank, cp_size, length // cp_size)
     # seq_id may be len(packed) - 1 for trailing padding rows: packed[-1] is where they start.
     return seq_id, pos + packed.to(pos.device)[seq_id]
+
+
+def allowed_keys(s_q: int, s_k: int, causal: bool, *, packed: Tensor | None = None, cp_rank: int = 0,
+                 cp_size: int = 1, attention_mask: Tensor | None = None,
+                 device=None) -> tuple[Tensor | None, Tensor | None]:
+    """Which keys each query may attend to: ``(allowed, key_order)``.
+
+    ``s_k`` counts the keys of the whole sequence (all CP ranks' shares, gathered rank by rank), ``s_q`` this
+    rank's queries; ``packed`` is the padded cu_seqlens of a THD batch. ``allowed`` is boolean ``[1 or b, 1, s_q,
+    s_k]`` (True = may attend) over the keys in sequence order: same sequence, not later if ``causal``, and not
+    masked by ``attention_mask`` (True = masked, megatron's convention). ``key_order`` puts the gathered keys in
+    sequence order (``None``: they already are). ``(None, None)`` when SDPA's own ``is_causal`` says it all.
+    """
+    if not (cp_size > 1 or packed is not None or attention_mask is not None or not causal or s_q != s_k):
+        return None, None
+
+    def coordinates(rank):
+        return _coordinates(s_k, packed, rank, cp_size, device)
+
+    k_seq, k_idx = (torch.cat(parts) for parts in zip(*(coordinates(r) for r in range(cp_size))))
+    if cp_size > 1 or packed is not None:
+        q_seq, q_idx = coordinates(cp_rank)
+    else:
+        # Queries are the last s_q positions (s_q < s_k: decoding against a KV cache).
+        q_seq, q_idx = k_seq[s_k - s_q :], k_idx[s_k - s_q :]
+    order = None
+    if cp_size > 1:
+        # The gathered keys in sequence order, so that a user mask indexes them naturally.
+        order = torch.argsort(k_idx)
+        k_seq, k_idx = k_seq[order], k_idx[order]
+    allowed = q_seq[:, None] == k_seq[None, :]
+    if causal:
+        allowed = allowed & (q_idx[:, None] >= k_idx[None, :])
+    allowed = allowed[None, None]  # [1, 1, s_q, s_k]
+    if attention_mask is not None:
+        allowed = allowed & ~attention_mask.to(torch.bool)
+    return allowed, order
 
 
 class SDPAttention(MegatronModule):
@@ -79,10 +116,10 @@ class SDPAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
-        pg_collection: Optional[ProcessGroupCollection] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
         **kwargs,
     ):
         super().__init__(config=config)
@@ -107,22 +144,16 @@ class SDPAttention(MegatronModule):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        attention_mask: Optional[Tensor],
-        attn_mask_type: Optional[AttnMaskType] = None,
-        attention_bias: Optional[Tensor] = None,
-        packed_seq_params: Optional[PackedSeqParams] = None,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
     ) -> Tensor:
         if attention_bias is not None:
             raise ValueError("SDPAttention does not support attention_bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        causal = mask_type in _CAUSAL_TYPES
-        packed = None
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            packed = packed_seq_params.cu_seqlens_q_padded
-            if packed is None:
-                packed = packed_seq_params.cu_seqlens_q
-            if attention_mask is not None:
-                raise ValueError("packed (THD) sequences take their boundaries from cu_seqlens, not attention_mask")
+        packed = _packed_boundaries(packed_seq_params, attention_mask)
+        if packed is not None:
             # [t, h, d] -> [t, 1, h, d]: the packed batch is one row.
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
 
@@ -132,32 +163,18 @@ class SDPAttention(MegatronModule):
             key = _GatherSequence.apply(key, cp_group)
             value = _GatherSequence.apply(value, cp_group)
 
-        s_q, s_k = query.size(0), key.size(0)
-        allowed = None
-        if cp_size > 1 or packed is not None or attention_mask is not None or not causal or s_q != s_k:
+        causal = mask_type in _CAUSAL_TYPES
+        allowed, key_order = allowed_keys(query.size(0), key.size(0), causal, packed=packed, cp_rank=cp_rank,
+                                          cp_size=cp_size, attention_mask=attention_mask, device=query.device)
+        if key_order is not None:
+            key, value = key[key_order], value[key_order]
 
-            def coordinates(rank):
-                return _coordinates(s_k, packed, rank, cp_size, query.device)
+        out = self._attend(query, key, value, allowed, causal)  # [s_q, b, h * d]
+        return out.squeeze(1) if packed is not None else out
 
-            k_seq, k_idx = (torch.cat(parts) for parts in zip(*(coordinates(r) for r in range(cp_size))))
-            if cp_size > 1 or packed is not None:
-                q_seq, q_idx = coordinates(cp_rank)
-            else:
-                # Queries are the last s_q positions (s_q < s_k: decoding against a KV cache).
-                q_seq, q_idx = k_seq[s_k - s_q :], k_idx[s_k - s_q :]
-            if cp_size > 1:
-                # Put the gathered keys back in sequence order so that a user mask indexes them naturally.
-                order = torch.argsort(k_idx)
-                key, value, k_seq, k_idx = key[order], value[order], k_seq[order], k_idx[order]
-            allowed = q_seq[:, None] == k_seq[None, :]
-            if causal:
-                allowed = allowed & (q_idx[:, None] >= k_idx[None, :])
-            allowed = allowed[None, None]  # [1, 1, s_q, s_k]
-            if attention_mask is not None:
-                allowed = allowed & ~attention_mask.to(torch.bool)
-
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, allowed: Tensor | None, causal: bool) -> Tensor:
+        """torch SDPA on megatron's ``[s, b, heads, d]`` layout, ``[s_q, b, heads * d]`` out."""
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         dropout_p = self.dropout_p if self.training else 0.0
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if (dropout_p and q.is_cuda) else nullcontext()
         with rng:
@@ -170,5 +187,14 @@ class SDPAttention(MegatronModule):
                 enable_gqa=self.num_heads != self.num_groups,
             )
         out = out.permute(2, 0, 1, 3)  # [s_q, b, h, d]
-        out = out.reshape(s_q, out.size(1), -1)
-        return out.squeeze(1) if packed is not None else out
+        return out.reshape(out.size(0), out.size(1), -1)
+
+
+def _packed_boundaries(packed_seq_params: PackedSeqParams | None, attention_mask: Tensor | None) -> Tensor | None:
+    """The padded cu_seqlens of a THD batch (``None`` for ``[s, b, ...]`` batches)."""
+    if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+        return None
+    if attention_mask is not None:
+        raise ValueError("packed (THD) sequences take their boundaries from cu_seqlens, not attention_mask")
+    packed = packed_seq_params.cu_seqlens_q_padded
+    return packed if packed is not None else packed_seq_params.cu_seqlens_q

@@ -8,10 +8,12 @@ current CUDA device; DDP's gradient buffers wait on the current CUDA stream; the
 Inside :func:`megatron_on_cpu` those requests land on the CPU (or do nothing), so
 ``get_forward_backward_func()``, recompute, KV-cache decoding, megatron-core's DDP and optimizers and
 megatron.training's checkpointing run unchanged. It is a no-op where CUDA is available.
+:func:`prepare_args_for_cpu` is the same for Megatron's parsed flags: what their CUDA defaults turn on, off.
 """
 
 from __future__ import annotations
 
+import argparse
 from contextlib import contextmanager
 
 import torch
@@ -87,3 +89,14 @@ def megatron_on_cpu():
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
+
+
+def prepare_args_for_cpu(args: argparse.Namespace) -> None:
+    """CPU settings for flags whose Megatron defaults assume CUDA (fusions, initialisation, backend, layer spec)."""
+    args.use_cpu_initialization = True
+    args.distributed_backend = "gloo"
+    for flag in ("gradient_accumulation_fusion", "bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
+                 "masked_softmax_fusion", "apply_rope_fusion", "cross_entropy_loss_fusion"):
+        setattr(args, flag, False)
+    args.no_persist_layer_norm = True
+    args.transformer_impl = "local"

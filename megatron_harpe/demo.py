@@ -1,21 +1,19 @@
 """The HARPE demonstration: choose HARPE bases, draw them, run a tiny HARPE model at TP=2 against TP=1.
 
-No downloads, CPU only, about a quarter of a minute. Step 1 of examples/quickstart_cpu.sh, which goes on with
-synthetic data -> pretraining -> checkpoint -> HF export -> Needle-in-a-Haystack.
+No downloads, CPU only. Step 1 of examples/quickstart_cpu.sh, which goes on with synthetic data -> pretraining ->
+checkpoint -> HF export -> Needle-in-a-Haystack. The command is ``megatron_harpe.cli:demo`` (harpe-demo).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
 from megatron_harpe.bases import PAPER_LLAMA2_7B_BASES, select_bases, waveform_ripple
-from megatron_harpe.outputs import OutputError, atomic_output_dir
+from megatron_harpe.outputs import atomic_output_dir
 from megatron_harpe.warning_filters import filter_unactionable_warnings
 
 LLAMA2_7B = dict(head_dim=128, target_length=131072)
@@ -42,7 +40,7 @@ def _tp_worker(rank, world_size, out_dir):
     from megatron.core import parallel_state
 
     from megatron_harpe import HarpeGPTModel, harpe_layer_spec
-    from megatron_harpe.configs import TINY_SHAPE, llama_config
+    from megatron_harpe.shape import SHAPES
     from megatron_harpe.distributed import init_model_parallel
     from megatron_harpe.sharding import local_view, load_full_state_dict
 
@@ -52,7 +50,7 @@ def _tp_worker(rank, world_size, out_dir):
     def run(tp):
         init_model_parallel(tp=tp)
         torch.manual_seed(1234)
-        model = HarpeGPTModel(llama_config(**TINY_SHAPE, tp=tp), harpe_layer_spec("local"), vocab_size=128,
+        model = HarpeGPTModel(SHAPES["tiny"].transformer_config(tp=tp), harpe_layer_spec("local"), vocab_size=128,
                               max_sequence_length=1024, harpe_bases=bases)
         return model
 
@@ -81,58 +79,41 @@ def _tp_worker(rank, world_size, out_dir):
         json.dump(result, f, indent=2)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
-    parser.add_argument("--force", action="store_true", help="replace an existing, non-empty output directory")
-    args = parser.parse_args(argv)
+def run_demo(out: str, force: bool = False) -> None:
+    """The three steps into ``out`` (a new directory, or one this package wrote with ``force``)."""
     filter_unactionable_warnings()
+    with atomic_output_dir(out, force=force) as tmp:
+        total = 3
+        started = time.perf_counter()
+        _step(1, total, "choosing 32 bases for Llama-2-7B at 131072 tokens (peak-valley, 1M..5M, stride 30k)")
+        peak_valley = select_bases(32, "peak_valley", 1e6, 5e6, stride=30000, **LLAMA2_7B)
+        uniform = select_bases(32, "uniform", 1e6, 5e6, **LLAMA2_7B)
+        ripple = {name: waveform_ripple(b, **LLAMA2_7B) for name, b in
+                  [("peak_valley", peak_valley), ("uniform", uniform), ("paper_table2", PAPER_LLAMA2_7B_BASES)]}
+        summary = {"peak_valley": peak_valley, "uniform": uniform, "paper_table2": list(PAPER_LLAMA2_7B_BASES),
+                   "ripple (lower = peaks and valleys interleave better)": ripple,
+                   "peak_valley vs paper": compare_with_paper(peak_valley)}
+        with open(os.path.join(tmp, "bases.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print("      peak-valley (millions):", " ".join(f"{b / 1e6:.2f}" for b in peak_valley))
+        print("      waveform ripple: " + ", ".join(f"{k} {v:.1f}" for k, v in ripple.items()))
 
-    try:
-        with atomic_output_dir(args.out, force=args.force) as tmp:
-            total = 3
-            started = time.perf_counter()
-            _step(1, total, "choosing 32 bases for Llama-2-7B at 131072 tokens (peak-valley, 1M..5M, stride 30k)")
-            peak_valley = select_bases(32, "peak_valley", 1e6, 5e6, stride=30000, **LLAMA2_7B)
-            uniform = select_bases(32, "uniform", 1e6, 5e6, **LLAMA2_7B)
-            ripple = {name: waveform_ripple(b, **LLAMA2_7B) for name, b in
-                      [("peak_valley", peak_valley), ("uniform", uniform), ("paper_table2", PAPER_LLAMA2_7B_BASES)]}
-            summary = {"peak_valley": peak_valley, "uniform": uniform, "paper_table2": list(PAPER_LLAMA2_7B_BASES),
-                       "ripple (lower = peaks and valleys interleave better)": ripple,
-                       "peak_valley vs paper": compare_with_paper(peak_valley)}
-            with open(os.path.join(tmp, "bases.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            print("      peak-valley (millions):", " ".join(f"{b / 1e6:.2f}" for b in peak_valley))
-            print("      waveform ripple: " + ", ".join(f"{k} {v:.1f}" for k, v in ripple.items()))
+        _step(2, total, "drawing attention waveforms")
+        from megatron_harpe.plots import plot_bases
 
-            _step(2, total, "drawing attention waveforms")
-            from megatron_harpe.plots import plot_bases
+        plot_bases(peak_valley, os.path.join(tmp, "waveforms_peak_valley.png"), single_base=5e6,
+                   compare=PAPER_LLAMA2_7B_BASES, title="HARPE peak-valley", **LLAMA2_7B)
+        plot_bases(PAPER_LLAMA2_7B_BASES, os.path.join(tmp, "waveforms_paper_table2.png"), single_base=5e6,
+                   title="HARPE paper Table 2", **LLAMA2_7B)
 
-            plot_bases(peak_valley, os.path.join(tmp, "waveforms_peak_valley.png"), single_base=5e6,
-                       compare=PAPER_LLAMA2_7B_BASES, title="HARPE peak-valley", **LLAMA2_7B)
-            plot_bases(PAPER_LLAMA2_7B_BASES, os.path.join(tmp, "waveforms_paper_table2.png"), single_base=5e6,
-                       title="HARPE paper Table 2", **LLAMA2_7B)
+        _step(3, total, "tiny HarpeGPTModel forward/backward on the CPU, TP=2 against TP=1 (2 gloo processes)")
+        from megatron_harpe.distributed import spawn
 
-            _step(3, total, "tiny HarpeGPTModel forward/backward on the CPU, TP=2 against TP=1 (2 gloo processes)")
-            from megatron_harpe.distributed import spawn
-
-            spawn(_tp_worker, 2, tmp)
-            checks = [json.load(open(os.path.join(tmp, f"tp2_rank{r}.json"))) for r in range(2)]
-            worst_logit = max(c["max_abs_logit_diff"] for c in checks)
-            worst_grad = max(c["max_abs_grad_diff"] for c in checks)
-            print(f"      max |logit diff| {worst_logit:.2e}, max |grad diff| {worst_grad:.2e}")
-            if worst_logit > 1e-4 or worst_grad > 1e-4:
-                raise RuntimeError("TP=2 does not match TP=1: this is a bug, please report it with this output")
-            print(f"done in {time.perf_counter() - started:.0f}s")
-    except (OutputError, ValueError) as e:  # OutputError: exists, not ours to replace, or a full disk
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = os.path.abspath(args.out)
-    print(f"results in {out}:")
-    for name in sorted(os.listdir(out)):
-        print(f"  {os.path.join(out, name)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        spawn(_tp_worker, 2, tmp)
+        checks = [json.load(open(os.path.join(tmp, f"tp2_rank{r}.json"))) for r in range(2)]
+        worst_logit = max(c["max_abs_logit_diff"] for c in checks)
+        worst_grad = max(c["max_abs_grad_diff"] for c in checks)
+        print(f"      max |logit diff| {worst_logit:.2e}, max |grad diff| {worst_grad:.2e}")
+        if worst_logit > 1e-4 or worst_grad > 1e-4:
+            raise RuntimeError("TP=2 does not match TP=1: this is a bug, please report it with this output")
+        print(f"done in {time.perf_counter() - started:.0f}s")

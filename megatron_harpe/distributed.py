@@ -1,9 +1,14 @@
-"""Process-group set-up for running megatron-core on CPUs over gloo (tests, demos, the compact loop)."""
+"""Process groups for megatron-core: torchrun's job, a world of one (conversion, reading a checkpoint), gloo ranks
+spawned on one machine (tests, demos)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Callable
 
 import torch
@@ -32,6 +37,45 @@ def init_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1) -> None:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp
     )
+
+
+def init_from_environment(args: argparse.Namespace) -> None:
+    """The job's process group and megatron's parallel state from parsed flags: torchrun's environment when
+    present, else one process on a free loopback port. Nothing when a process group exists."""
+    if torch.distributed.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(
+        backend=args.distributed_backend, rank=args.rank, world_size=args.world_size,
+        timeout=timedelta(minutes=args.distributed_timeout_minutes))
+    init_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                        args.context_parallel_size)
+
+
+@contextmanager
+def single_process_world() -> Iterator[None]:
+    """A gloo world of this one process with megatron's parallel state at TP=PP=CP=1, unless the caller has them
+    already; what was made here is torn down afterwards."""
+    from megatron.core import parallel_state
+
+    own_world = not torch.distributed.is_initialized()
+    if own_world:
+        init_process_group(0, 1, free_port())
+    own_parallel_state = not parallel_state.model_parallel_is_initialized()
+    if own_parallel_state:
+        init_model_parallel(1, 1, 1)
+    try:
+        yield
+    finally:
+        if own_parallel_state:
+            parallel_state.destroy_model_parallel()
+        if own_world:
+            torch.distributed.destroy_process_group()
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple) -> None:

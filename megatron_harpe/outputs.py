@@ -28,6 +28,8 @@ import threading
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
+from megatron_harpe.command import RunError
+
 MANIFEST = ".megatron-harpe-manifest.json"  # in every output directory: the tool and the entries it wrote
 OWNER = ".megatron-harpe-owner.json"  # in every staging directory: the pid and host writing it
 PARTIAL = ".partial-"  # in every staging directory's name
@@ -35,7 +37,7 @@ _BOOKKEEPING = (MANIFEST, OWNER)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class OutputError(OSError):
+class OutputError(RunError, OSError):  # exit 1: a failed run, not a bad flag
     """An output that must not or cannot be written; the message says what to do."""
 
 

@@ -1,12 +1,21 @@
 """HarpeRotaryEmbedding: megatron-core's RoPE provider with one base per query group.
 
 It keeps the contract of ``megatron.core.models.common.embeddings.rotary_pos_embedding.RotaryEmbedding``
-(``forward(max_seq_len, offset=0, packed_seq=False, cp_group=None)`` and ``get_rotary_seq_len``) and
-returns the ``(query, key)`` frequency pair that megatron's ``Attention`` accepts as a tuple:
-queries ``[s, 1, heads_local, rot_dim]``, keys ``[s, 1, groups_local, rot_dim]`` for this tensor-parallel
-rank's heads, every query head using its group's base. With all bases equal it is megatron's
-``RotaryEmbedding`` bit for bit (same float32 arithmetic, row for row), ``get_cos_sin`` (flash decoding) included;
-with distinct bases ``get_cos_sin`` refuses, since its callers apply one row to every head.
+(``forward(max_seq_len, offset=0, packed_seq=False, cp_group=None)`` and ``get_rotary_seq_len``). What
+``forward`` returns depends on the RoPE path the provider is built with (``rope_impl``, fixed at construction):
+
+* ``unfused``: the ``(query, key)`` frequency pair that megatron's ``Attention`` accepts as a tuple: queries
+  ``[s, 1, heads_local, rot_dim]``, keys ``[s, 1, groups_local, rot_dim]`` for this tensor-parallel rank's heads,
+  every query head using its group's base;
+* ``auto`` / ``torch`` / ``triton`` (HARPE's kernels): ``(positions [s], inv_freq [groups_local, rot_dim/2])``,
+  the same information without materializing ``s * heads * rot_dim`` frequencies, for
+  :class:`~megatron_harpe.self_attention.HarpeSelfAttention` built with the same ``rope_impl``.
+
+Both are a pair of tensors because that is what megatron carries through full activation recompute
+(``megatron.core.recompute.checkpointed_forward`` saves each member with ``save_for_backward``).
+With all bases equal the pair is megatron's ``RotaryEmbedding`` bit for bit (same float32 arithmetic, row for
+row), ``get_cos_sin`` (flash decoding) included; with distinct bases ``get_cos_sin`` refuses, since its callers
+apply one row to every head.
 
 Unlike megatron's provider it never assumes CUDA: the inverse-frequency table is a non-persistent
 buffer that follows the module's device, and context-parallel slicing is done here.
@@ -14,8 +23,8 @@ buffer that follows the module's device, and context-parallel slicing is done he
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +35,16 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron_harpe.bases import validate_bases
 from megatron_harpe.kernels.torch_rope import join_pairs
 from megatron_harpe.positions import check_cp_divisible, cp_local_indices, packed_cp_group, rank_and_size
+
+# How q and k are rotated: HARPE's kernels (auto = Triton on CUDA, torch elsewhere) or megatron's unfused RoPE with
+# materialized per-head frequencies (for comparison). The provider and the attention are built with the same one.
+ROPE_IMPLS = ("auto", "torch", "triton", "unfused")
+
+
+def check_rope_impl(impl: str) -> str:
+    if impl not in ROPE_IMPLS:
+        raise ValueError(f"unknown HARPE RoPE implementation {impl!r}: choose one of {', '.join(ROPE_IMPLS)}")
+    return impl
 
 
 def rotary_dim(kv_channels: int, rotary_percent: float) -> int:
@@ -73,6 +92,8 @@ class HarpeRotaryEmbedding(nn.Module):
         tp_group / cp_group: process groups; ``None`` takes megatron's parallel_state groups if they
             exist, else size 1.
         device: where the frequency table lives (it follows ``module.to()`` afterwards).
+        rope_impl: the RoPE path (:data:`ROPE_IMPLS`): ``unfused`` (the default, megatron's contract) returns
+            megatron's frequency pair, HARPE's kernels get ``(positions, inv_freq)``.
     """
 
     def __init__(
@@ -81,14 +102,16 @@ class HarpeRotaryEmbedding(nn.Module):
         rotary_percent: float,
         bases: Sequence[float],
         num_attention_heads: int,
-        num_query_groups: Optional[int] = None,
+        num_query_groups: int | None = None,
         rotary_interleaved: bool = False,
-        seq_len_interpolation_factor: Optional[float] = None,
-        tp_group: Optional[torch.distributed.ProcessGroup] = None,
-        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+        seq_len_interpolation_factor: float | None = None,
+        tp_group: torch.distributed.ProcessGroup | None = None,
+        cp_group: torch.distributed.ProcessGroup | None = None,
         device=None,
+        rope_impl: str = "unfused",
     ) -> None:
         super().__init__()
+        self._rope_impl = check_rope_impl(rope_impl)
         num_query_groups = num_query_groups or num_attention_heads
         self.bases = validate_bases(bases, num_query_groups)
         if num_attention_heads % num_query_groups:
@@ -103,7 +126,6 @@ class HarpeRotaryEmbedding(nn.Module):
         tp_rank, tp_size = rank_and_size(tp_group)
         check_groups_divisible(num_query_groups, tp_size)
         self.cp_group = cp_group
-        self.compact = False
         self.rotary_interleaved = rotary_interleaved
         self.seq_len_interpolation_factor = seq_len_interpolation_factor
         self.dim = rotary_dim(kv_channels, rotary_percent)
@@ -115,6 +137,11 @@ class HarpeRotaryEmbedding(nn.Module):
         # --init-model-with-meta-device) keeps a real table instead of failing to copy a meta one.
         self._inv_freq_master = inverse_frequencies(self.local_bases, self.dim, device="cpu")
         self.register_buffer("inv_freq", self._inv_freq_master.to(device), persistent=False)
+
+    @property
+    def rope_impl(self) -> str:
+        """The RoPE path this provider was built for (read-only: forward's return type depends on it)."""
+        return self._rope_impl
 
     def _apply(self, fn, recurse=True):
         # Follow device moves, but stay float32: Float16Module / model.bfloat16() cast every floating
@@ -136,27 +163,26 @@ class HarpeRotaryEmbedding(nn.Module):
         max_seq_len: int,
         offset: int = 0,
         packed_seq: bool = False,
-        cp_group: Optional[torch.distributed.ProcessGroup] = None,
+        cp_group: torch.distributed.ProcessGroup | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """``(query_emb [s,1,heads_local,dim], key_emb [s,1,groups_local,dim])``.
+        """``(query_emb [s,1,heads_local,dim], key_emb [s,1,groups_local,dim])`` on the ``unfused`` path,
+        ``(positions [s], inv_freq [groups_local, dim/2])`` on HARPE's kernels.
 
         ``s`` is this CP rank's share of ``max_seq_len`` unless ``packed_seq`` (then all ``max_seq_len``
-        positions, which megatron's THD RoPE slices per sequence). With ``compact`` set (HARPE's own
-        kernels) it returns ``(positions [s], inv_freq [groups_local, dim/2])`` instead: the same
-        information without materializing ``s * heads * dim`` frequencies.
+        positions, which megatron's THD RoPE slices per sequence).
         """
         cp_rank, cp_size = rank_and_size(cp_group if cp_group is not None else self.cp_group)
         if packed_seq:
             cp_rank, cp_size = 0, 1
         else:
             check_cp_divisible(max_seq_len, cp_size)
-        return self._emb(max_seq_len, offset, cp_rank, cp_size, self.inv_freq.device, self.compact)
+        return self._emb(max_seq_len, offset, cp_rank, cp_size, self.inv_freq.device)
 
     @lru_cache(maxsize=32)
-    def _emb(self, max_seq_len: int, offset: int, cp_rank: int, cp_size: int, device, compact: bool):
+    def _emb(self, max_seq_len: int, offset: int, cp_rank: int, cp_size: int, device):
         # device is part of the cache key so that a module moved after a call recomputes.
         seq = self.positions(max_seq_len, offset, cp_rank, cp_size)
-        if compact:
+        if self.rope_impl != "unfused":
             return seq, self.inv_freq
         return materialize_frequencies(seq, self.inv_freq, self.heads_per_group, self.rotary_interleaved)
 
@@ -193,7 +219,7 @@ class HarpeRotaryEmbedding(nn.Module):
 
     def get_rotary_seq_len(self, inference_context, transformer, transformer_input, transformer_config,
                            packed_seq_params=None, *, inference_params=None) -> int:
-        """megatron's rule, except for packed THD batches on HARPE's kernels (``compact``).
+        """megatron's rule, except for packed THD batches on HARPE's kernels (``rope_impl`` other than ``unfused``).
 
         Megatron sizes the table of a packed batch by ``max_seqlen`` (unpadded). HARPE's kernels index
         the table with each token's position in its *padded* sequence (``cu_seqlens_q_padded``), which can
@@ -205,7 +231,8 @@ class HarpeRotaryEmbedding(nn.Module):
         length = RotaryEmbedding.get_rotary_seq_len(self, inference_context, transformer, transformer_input,
                                                     transformer_config, packed_seq_params,
                                                     inference_params=inference_params)
-        if not (self.compact and packed_seq_params is not None and packed_seq_params.qkv_format == "thd"):
+        packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if self.rope_impl == "unfused" or not packed:
             return length
         has_input = transformer is not None and transformer.input_tensor is not None  # later pipeline stages
         rows = (transformer.input_tensor if has_input else transformer_input).size(0)

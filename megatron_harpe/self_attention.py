@@ -6,15 +6,23 @@ silently wrong. And megatron's unfused RoPE, which broadcasts per-head frequenci
 ``cos``/``sin`` of shape ``[s, 1, h, d]`` for backward in every layer. So this attention (swapped in
 through the layer spec) rotates q and k itself, right after the QKV projection, with
 :func:`megatron_harpe.kernels.harpe_rope_qk`, which saves only the positions and the frequency table.
-``rope_impl``:
 
-* ``auto`` - Triton on CUDA, torch elsewhere (the default);
-* ``torch`` / ``triton`` - that kernel;
-* ``unfused`` - megatron's own unfused path with materialized per-head frequencies (for comparison).
+What it does follows the ``rotary_pos_emb`` it is called with:
 
-Whatever the config says, at construction or at forward time, fused RoPE is never used here. Inference (a KV cache) always takes megatron's
-unfused path, which slices the frequencies to the cache position. Layers that ``config.no_rope_freq`` marks
-get no RoPE on any path, as in megatron's ``Attention``.
+* a Tensor (megatron's own ``RotaryEmbedding``: standard RoPE, one base) - megatron's unfused path, so a
+  plain ``GPTModel`` built with ``harpe_layer_spec`` is megatron's model;
+* a pair, the output of :class:`~megatron_harpe.rotary.HarpeRotaryEmbedding` - read as the provider's
+  ``rope_impl`` says, which is also this attention's ``rope_impl`` (a constructor argument: the model puts it in
+  the layer spec's ``ModuleSpec.params``, one value for the provider and every layer):
+  ``auto`` (Triton on CUDA, torch elsewhere, the default), ``torch`` or ``triton`` - ``(positions, inv_freq)``
+  for that kernel; ``unfused`` - megatron's ``(query, key)`` frequencies for its own unfused path (for comparison).
+
+The path is not carried in the pair's type because megatron's full activation recompute
+(``megatron.core.recompute.checkpointed_forward``) hands the layers a plain tuple of the saved tensors.
+
+Whatever the config says, at construction or at forward time, fused RoPE is never used here. Inference (a KV cache)
+always takes megatron's unfused path, which slices the frequencies to the cache position. Layers that
+``config.no_rope_freq`` marks get no RoPE on any path, as in megatron's ``Attention``.
 
 Packed (THD) batches: each token takes its position inside its own padded sequence (and CP chunk),
 computed on the device once per micro-batch (:func:`~megatron_harpe.positions.cached_packed_local_coordinates`)
@@ -24,7 +32,6 @@ over ``packed_seq_params.cp_group`` when it is set, else the attention's CP grou
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 from torch import Tensor
 
@@ -33,15 +40,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.kernels import harpe_rope_qk
 from megatron_harpe.positions import cached_packed_local_coordinates, packed_cp_group, rank_and_size
-from megatron_harpe.rotary import materialize_frequencies
-
-ROPE_IMPLS = ("auto", "torch", "triton", "unfused")
-
-
-def check_rope_impl(impl: str) -> str:
-    if impl not in ROPE_IMPLS:
-        raise ValueError(f"unknown HARPE RoPE implementation {impl!r}: choose one of {', '.join(ROPE_IMPLS)}")
-    return impl
+from megatron_harpe.rotary import check_rope_impl, materialize_frequencies
 
 
 def without_rope_fusion(config: TransformerConfig) -> TransformerConfig:
@@ -55,17 +54,12 @@ def without_rope_fusion(config: TransformerConfig) -> TransformerConfig:
 
 
 class HarpeSelfAttention(SelfAttention):
-    """Self-attention for per-head (per-query-group) RoPE.
-
-    With ``rope_impl != "unfused"`` it receives ``rotary_pos_emb = (positions, inv_freq)`` from
-    :class:`~megatron_harpe.rotary.HarpeRotaryEmbedding` (``compact=True``); otherwise megatron's
-    ``(query_freqs, key_freqs)`` pair.
-    """
+    """Self-attention for per-head (per-query-group) RoPE; ``rope_impl`` as the provider that feeds it was built."""
 
     def __init__(self, config: TransformerConfig, *args, rope_impl: str = "auto", **kwargs):
         super().__init__(without_rope_fusion(config), *args, **kwargs)
         self.rope_impl = check_rope_impl(rope_impl)
-        self._pending_rope: Optional[tuple] = None
+        self._pending_rope: tuple | None = None
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor, key_value_states=None, inference_context=None,
                 rotary_pos_emb=None, *args, packed_seq_params=None, inference_params=None, **kwargs):
@@ -73,8 +67,8 @@ class HarpeSelfAttention(SelfAttention):
         if self._skips_rope():
             # megatron's Attention.forward drops it too, but only after the capture below.
             rotary_pos_emb = None
-        if rotary_pos_emb is not None and self.rope_impl != "unfused":
-            positions, inv_freq = rotary_pos_emb
+        if isinstance(rotary_pos_emb, tuple) and self.rope_impl != "unfused":
+            positions, inv_freq = self._kernel_inputs(rotary_pos_emb)
             if inference_context is not None:
                 heads_per_group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
                 rotary_pos_emb = materialize_frequencies(positions, inv_freq, heads_per_group,
@@ -92,6 +86,17 @@ class HarpeSelfAttention(SelfAttention):
         finally:
             self._pending_rope = None
             self.config = config
+
+    def _kernel_inputs(self, rotary_pos_emb: tuple) -> tuple[Tensor, Tensor]:
+        positions, inv_freq = rotary_pos_emb
+        if positions.dim() != 1 or inv_freq.dim() != 2:
+            raise ValueError(
+                f"layer {self.layer_number}'s HarpeSelfAttention was built for HARPE's kernels "
+                f"(rope_impl={self.rope_impl!r}) and expects (positions [s], inv_freq [groups, d/2]) from "
+                f"HarpeRotaryEmbedding(rope_impl={self.rope_impl!r}); it got tensors of shapes "
+                f"{tuple(positions.shape)} and {tuple(inv_freq.shape)} (megatron's frequency pair?): build the "
+                f"provider and the attention with the same rope_impl, as HarpeGPTModel(harpe_rope_impl=...) does")
+        return positions, inv_freq
 
     def _skips_rope(self) -> bool:
         """megatron's test: ``no_rope_freq`` is 0-indexed per layer, ``layer_number`` 1-indexed."""

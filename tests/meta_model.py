@@ -36,7 +36,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
 
 from megatron_harpe import HarpeGPTModel, harpe_layer_spec
-from megatron_harpe.configs import llama_config
+from megatron_harpe.shape import LlamaShape
 
 #: Megatron-LM's ``--make-vocab-size-divisible-by`` default.
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
@@ -88,32 +88,33 @@ def _torch_distributed_initialized():
         torch.distributed.destroy_process_group()
 
 
-def rank_model(shape: dict, *, tp: int, pp: int, tp_rank: int, pp_rank: int, bases: Optional[Sequence[float]] = None,
-               vocab_size: int = 32000, num_layers: Optional[int] = None, **config_overrides) -> HarpeGPTModel:
+def rank_model(shape: LlamaShape, *, tp: int, pp: int, tp_rank: int, pp_rank: int, bases: Optional[Sequence[float]] = None,
+               vocab_size: int = 32000, num_layers: Optional[int] = None, harpe_rope_impl: str = "auto",
+               **config_overrides) -> HarpeGPTModel:
     """The ``HarpeGPTModel`` that rank (tp_rank, pp_rank) of a TP x PP layout holds, with parameters on meta.
 
-    ``shape``: ``LLAMA2_SHAPES[...]``-style dict (num_layers, hidden_size, num_attention_heads, num_query_groups,
-    ffn_hidden_size). ``bases``: one HARPE base per query group of the whole model (default: all 10000, for
+    ``shape``: a :class:`~megatron_harpe.shape.LlamaShape` (e.g. ``SHAPES['70b']``). ``bases``: one HARPE base per query group of the whole model (default: all 10000, for
     shape-only uses). ``vocab_size`` is padded as Megatron-LM does (multiple of 128 x TP). ``num_layers``
-    overrides ``shape['num_layers']`` (the whole model's, split over ``pp`` stages as megatron splits it).
+    overrides ``shape.num_layers`` (the whole model's, split over ``pp`` stages as megatron splits it).
+    ``harpe_rope_impl``: the model's RoPE path (``unfused``: its provider returns megatron's frequency pair).
     Untied embeddings (Llama-2), local layer spec, float32 parameters unless ``params_dtype`` is overridden.
     No global state is changed: see the module docstring.
     """
-    shape = dict(shape)
     if num_layers is not None:
-        shape["num_layers"] = num_layers
+        shape = shape.with_sizes(num_layers=num_layers)
     if bases is None:
-        bases = [10000.0] * (shape.get("num_query_groups") or shape["num_attention_heads"])
-    config = llama_config(**shape, tp=tp, pp=pp, cpu=True, use_cpu_initialization=True,
-                          perform_initialization=False, **config_overrides)
+        bases = [10000.0] * shape.num_query_groups
+    config = shape.transformer_config(tp=tp, pp=pp, cpu=True, use_cpu_initialization=True,
+                                      perform_initialization=False, **config_overrides)
     pg_collection = fake_pg_collection(tp=tp, pp=pp, tp_rank=tp_rank, pp_rank=pp_rank)
     with _torch_distributed_initialized(), torch.device("meta"):
         return HarpeGPTModel(config, harpe_layer_spec("local"), vocab_size=padded_vocab_size(vocab_size, tp),
                              max_sequence_length=4096, harpe_bases=bases, share_embeddings_and_output_weights=False,
-                             pre_process=pp_rank == 0, post_process=pp_rank == pp - 1, pg_collection=pg_collection)
+                             pre_process=pp_rank == 0, post_process=pp_rank == pp - 1, pg_collection=pg_collection,
+                             harpe_rope_impl=harpe_rope_impl)
 
 
-def rank_parameter_count(shape: dict, tp: int, pp: int, tp_rank: int, pp_rank: int, vocab_size: int = 32000) -> int:
+def rank_parameter_count(shape: LlamaShape, tp: int, pp: int, tp_rank: int, pp_rank: int, vocab_size: int = 32000) -> int:
     """Number of parameters (``numel`` over ``model.parameters()``) that rank (tp_rank, pp_rank) holds.
 
     Counted on megatron's own per-rank model built by :func:`rank_model` (meta device, so any size is

@@ -1,13 +1,13 @@
-"""Misuse rows for the base-selection commands: tools/select_bases.py (harpe-select-bases), tools/harpe_demo.py
-(harpe-demo) and tools/plot_harpe_bases.py."""
+"""Misuse rows for the top-level commands (megatron_harpe/cli.py): harpe-select-bases (tools/select_bases.py) and
+harpe-demo (tools/harpe_demo.py). Exit 2: a flag, value or combination refused; 1: an output that may not be
+replaced."""
 
 from pathlib import Path
 
 from misuse import Misuse
 
-SELECT = "megatron_harpe.bases_cli:main"
-DEMO = "megatron_harpe.demo:main"
-PLOT = "megatron_harpe.eval.cli:plot_harpe_bases"
+SELECT = "megatron_harpe.cli:select_bases"
+DEMO = "megatron_harpe.cli:demo"
 
 
 def _user_picture(tmp: Path, _) -> dict:
@@ -43,10 +43,10 @@ CASES = [
            message=r"--bases paper-llama2-7b holds 32 bases but --num-bases is 8: drop --num-bases", entry=SELECT,
            exit_code=2),
     Misuse("5", "select-bases-base-min-with-a-list", ["--bases", "1e6,2e6", "--base-min", "1e4"],
-           message=r"--base-min configures a strategy's search, but --bases 1e6,2e6 is a list", entry=SELECT,
+           message=r"--base-min set the base search of --strategy, but --bases 1e6,2e6 is a list", entry=SELECT,
            exit_code=2),
     Misuse("5", "select-bases-descending-with-a-list", ["--bases", "1e6,2e6", "--descending"],
-           message=r"--descending configures a strategy's search.*drop --bases and pass --strategy", entry=SELECT,
+           message=r"--descending set the base search of --strategy.*drop --bases and pass --strategy", entry=SELECT,
            exit_code=2),
     Misuse("5", "select-bases-stride-with-uniform", ["--strategy", "uniform", "--stride", "1e4"],
            message=r"--strategy uniform does not use it: drop --stride", entry=SELECT, exit_code=2),
@@ -61,35 +61,30 @@ CASES = [
     Misuse("5", "select-bases-plot-not-png", ["--bases", "1e6", "--plot", "{tmp}/bases.pdf"],
            message=r"--plot writes a PNG picture: give a path ending in \.png", entry=SELECT, exit_code=2),
     Misuse("1", "select-bases-plot-exists", ["--bases", "1e6", "--plot", "{tmp}/mine.png"], setup=_user_picture,
-           message=r"mine\.png exists: choose another path or pass --force", entry=SELECT, exit_code=2),
+           message=r"mine\.png exists: choose another path or pass --force", entry=SELECT, exit_code=1),
     Misuse("6", "select-bases-plot-is-a-directory", ["--bases", "1e6", "--plot", "{tmp}/pictures.png", "--force"],
            setup=_folder_named_png,
-           message=r"pictures\.png is a directory: give the picture's file name", entry=SELECT, exit_code=2),
+           message=r"pictures\.png is a directory: give the picture's file name", entry=SELECT, exit_code=1),
     Misuse("6", "select-bases-plot-under-a-file", ["--bases", "1e6", "--plot", "{tmp}/notes.txt/bases.png"],
-           setup=_user_file, message=r"notes\.txt is a file, not a directory", entry=SELECT, exit_code=2),
+           setup=_user_file, message=r"notes\.txt is a file, not a directory", entry=SELECT, exit_code=1),
+    Misuse("5", "select-bases-abbreviation-refused", ["--strat", "uniform"],
+           message=r"unrecognized arguments: --strat", entry=SELECT, exit_code=2),
+    Misuse("5", "select-bases-abf-base-without-plot", ["--num-bases", "4", "--abf-base", "1e6"],
+           message=r"--abf-base only draws in the --plot picture, and no --plot was given: drop --abf-base",
+           entry=SELECT, exit_code=2),
 
     # harpe-demo: its output folder holds only what it wrote (item 1).
     Misuse("5", "demo-unknown-option", ["--outdir", "{tmp}/demo"],
            message=r"unrecognized arguments: --outdir", entry=DEMO, exit_code=2),
     Misuse("1", "demo-out-holds-user-files", ["--out", "{tmp}/mine"], setup=_user_folder,
            message=r"mine exists and is not empty: choose another output directory or pass --force", entry=DEMO,
-           exit_code=2),
+           exit_code=1),
     Misuse("1", "demo-force-keeps-user-files", ["--out", "{tmp}/mine", "--force"], setup=_user_folder,
-           message=r"mine was not written by megatron-harpe .*NOTES\.md", entry=DEMO, exit_code=2),
+           message=r"mine was not written by megatron-harpe .*NOTES\.md", entry=DEMO, exit_code=1),
     Misuse("1", "demo-out-is-a-file", ["--out", "{tmp}/notes.txt", "--force"], setup=_user_file,
-           message=r"notes\.txt exists and is not a directory", entry=DEMO, exit_code=2),
+           message=r"notes\.txt exists and is not a directory", entry=DEMO, exit_code=1),
 
-    # plot_harpe_bases: the same flags as select_bases, read the same way; its default is the paper's list.
-    Misuse("5", "plot-bases-num-bases-contradicts-the-default-list", ["--num-bases", "8", "--out", "{tmp}/b.png"],
-           message=r"holds 32 bases but --num-bases is 8", entry=PLOT, exit_code=2),
-    Misuse("5", "plot-bases-base-min-without-a-strategy", ["--base-min", "1e4", "--out", "{tmp}/b.png"],
-           message=r"--base-min configures a strategy's search.*pass --strategy", entry=PLOT, exit_code=2),
-    Misuse("5", "plot-bases-unknown-option", ["--plot", "{tmp}/b.png"],
-           message=r"unrecognized arguments: --plot|the following arguments are required: --out", entry=PLOT,
-           exit_code=2),
-    Misuse("1", "plot-bases-out-exists", ["--out", "{tmp}/mine.png"], setup=_user_picture,
-           message=r"mine\.png exists: choose another --out or pass --force", entry=PLOT, exit_code=2),
     Misuse("1", "quickstart-force-keeps-the-users-files", ["bash", "examples/quickstart_cpu.sh", "{tmp}/q", "--force"],
            setup=_quickstart_folder_with_notes,
-           message=r"holds NOTES\.md, which the quickstart did not write: --force would delete them", exit_code=2),
+           message=r"holds NOTES\.md, which the quickstart did not write: --force would delete them", exit_code=1),
 ]

@@ -22,9 +22,9 @@ LLAMA2_7B = ["--num-layers", "32", "--hidden-size", "4096", "--ffn-hidden-size",
 
 
 def parse(argv):
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
-    return parse_and_validate(argv)
+    return parse_megatron_args(argv)
 
 
 def test_paper_preset_gives_table_2():
@@ -108,3 +108,36 @@ def test_megatron_validation_failures_are_named_not_tracebacks(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "validate_args rejected the flags: assert args.save_interval is not None" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# The shared base-selection group without defaults (conversion, select_bases): a search flag that the chosen source
+# of bases does not read is refused, with the same words in every command.
+def _strict(*argv, prefix="--harpe-"):
+    from megatron_harpe.arguments import add_harpe_base_arguments, resolve_harpe_bases
+
+    parser = argparse.ArgumentParser(allow_abbrev=False)
+    add_harpe_base_arguments(parser, prefix=prefix, search_defaults=False)
+    return resolve_harpe_bases(parser.parse_args(argv), 4, 16, 256, prefix=prefix, search_defaults=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--harpe-base-min", "1e4"], r"--harpe-base-min set the base search of --harpe-strategy: add --harpe-strategy"),
+    (["--harpe-bases", "1e4,2e4,3e4,4e4", "--harpe-stride", "1e4"],
+     r"--harpe-stride set the base search of --harpe-strategy, but --harpe-bases 1e4,2e4,3e4,4e4 is a list"),
+    (["--harpe-bases", "1e4,2e4,3e4,4e4", "--harpe-descending"], r"drop --harpe-descending"),
+    (["--harpe-strategy", "geometric", "--harpe-stride", "1e4"], r"--harpe-strategy geometric does not use it"),
+    (["--harpe-bases", "1e4,2e4"], r"got 2 bases for 4"),
+])
+def test_shared_group_without_defaults_refuses_unused_search_flags(argv, message):
+    with pytest.raises(HarpeArgumentError, match=message):
+        _strict(*argv)
+
+
+def test_shared_group_without_defaults_resolves_like_the_trainer():
+    assert _strict() is None
+    assert _strict("--harpe-strategy", "uniform", "--harpe-base-min", "1e4", "--harpe-base-max", "4e4") == \
+        [1e4, 2e4, 3e4, 4e4]
+    assert _strict("--strategy", "uniform", "--base-min", "1e4", "--base-max", "4e4", "--descending",
+                   prefix="--") == [4e4, 3e4, 2e4, 1e4]
+    with pytest.raises(SystemExit):  # a list and a strategy exclude each other in the parser
+        _strict("--harpe-bases", "1e4,2e4,3e4,4e4", "--harpe-strategy", "uniform")

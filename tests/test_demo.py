@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_harpe.demo import main
+from megatron_harpe.cli import demo as main
 from megatron_harpe.outputs import MANIFEST
 from megatron_harpe.warning_filters import has_nvidia_gpu
 
@@ -26,7 +26,8 @@ def test_demo_writes_bases_pictures_and_a_passing_tp2_check(tmp_path, capfd):
         check = json.loads((out / f"tp2_rank{rank}.json").read_text())
         assert check["max_abs_logit_diff"] < 1e-4 and check["max_abs_grad_diff"] < 1e-4
     assert (out / "waveforms_peak_valley.png").read_bytes()[:4] == b"\x89PNG"
-    # A second run refuses to overwrite without --force, and leaves the results alone.
-    assert main(["--out", str(out)]) == 2
+    # A second run refuses to overwrite without --force (exit 1: an output that may not be replaced), and leaves
+    # the results alone.
+    assert main(["--out", str(out)]) == 1
     assert "--force" in capfd.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == names

@@ -10,10 +10,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_harpe import positions as positions_module
+from megatron_harpe import self_attention
 from megatron_harpe import HarpeGPTModel, HarpeHybridModel, harpe_hybrid_stack_spec, harpe_layer_spec
 from megatron_harpe.model import standard_layer_spec
 from megatron_harpe.attention import SDPAttention
 from megatron_harpe.cpu_compat import megatron_on_cpu
+from megatron_harpe.kernels.saved_bytes import saved_bytes
 from utils import TINY_BASES, VOCAB, reference_llama_logits, tiny_config, tiny_model, tokens
 
 pytestmark = pytest.mark.usefixtures("megatron_single_process")
@@ -32,10 +34,10 @@ def test_logits_match_a_plain_per_group_rope_llama():
     torch.testing.assert_close(logits.double(), expected, atol=2e-5, rtol=1e-4)
 
 
-def plain_gpt(config, base):
+def plain_gpt(config, base, spec=None):
     """megatron's own GPTModel with standard RoPE and the same CPU core attention."""
     torch.manual_seed(1234)
-    return GPTModel(config, standard_layer_spec("local"), vocab_size=VOCAB, max_sequence_length=4096,
+    return GPTModel(config, spec or standard_layer_spec("local"), vocab_size=VOCAB, max_sequence_length=4096,
                     position_embedding_type="rope", rotary_base=base)
 
 
@@ -51,6 +53,23 @@ def test_equal_bases_reproduce_megatron_standard_rope_exactly():
     different = tiny_model(config, bases=[10000, 1e6]).eval()
     different.load_state_dict(standard.state_dict())
     assert not torch.allclose(different(ids, None, None), expected)
+
+
+def test_plain_gpt_model_with_the_harpe_spec_is_megatrons_standard_rope_model():
+    # megatron's RotaryEmbedding hands HarpeSelfAttention one tensor: megatron's own (unfused) RoPE path.
+    config = tiny_config()
+    ids = tokens(2, 16)
+    with megatron_on_cpu():  # megatron's RotaryEmbedding moves its table to "cuda"
+        standard = plain_gpt(config, 10000)
+        harpe_spec = plain_gpt(config, 10000, harpe_layer_spec("local"))
+        assert isinstance(harpe_spec.decoder.layers[0].self_attention, self_attention.HarpeSelfAttention)
+        harpe_spec.load_state_dict(standard.state_dict())
+        assert torch.equal(harpe_spec.eval()(ids, None, None), standard.eval()(ids, None, None))
+        loss, grads = loss_and_grads(standard.train(), ids)
+        harpe_loss, harpe_grads = loss_and_grads(harpe_spec.train(), ids)
+    assert torch.equal(harpe_loss, loss)
+    for name in grads:
+        bit_for_bit(harpe_grads[name], grads[name], f"grad of {name}")
 
 
 def test_fused_rope_request_is_routed_around():
@@ -109,11 +128,18 @@ def loss_and_grads(model, ids):
     dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=2),
     dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
 ])
-def test_activation_recompute_changes_nothing(recompute):
+def test_activation_recompute_changes_nothing(recompute, monkeypatch):
+    # The torch kernel's inputs (positions, table) cross megatron's checkpoint as the pair of tensors it saves.
+    calls = []
+    kernel = self_attention.harpe_rope_qk
+    monkeypatch.setattr(self_attention, "harpe_rope_qk", lambda *a, **k: calls.append(k["impl"]) or kernel(*a, **k))
     ids = tokens(2, 16)
-    loss, grads = loss_and_grads(tiny_model(tiny_config()).train(), ids)
+    loss, grads = loss_and_grads(tiny_model(tiny_config(), harpe_rope_impl="torch").train(), ids)
+    assert calls == ["torch"] * 2  # one per layer
     with megatron_on_cpu():  # megatron's checkpoint saves and restores CUDA RNG state
-        loss_rc, grads_rc = loss_and_grads(tiny_model(tiny_config(**recompute)).train(), ids)
+        loss_rc, grads_rc = loss_and_grads(tiny_model(tiny_config(**recompute), harpe_rope_impl="torch").train(), ids)
+    # Full recompute checkpoints both layers here: each rotates again in backward, from the pair the checkpoint kept.
+    assert calls == ["torch"] * (2 + 2 + (2 if recompute["recompute_granularity"] == "full" else 0))
     assert torch.equal(loss, loss_rc)
     for name in grads:
         torch.testing.assert_close(grads_rc[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
@@ -123,20 +149,19 @@ def test_kernel_path_equals_megatron_unfused_path_bit_for_bit():
     ids = tokens(2, 16)
     kernel = tiny_model(tiny_config(), harpe_rope_impl="torch").train()
     unfused = tiny_model(tiny_config(), harpe_rope_impl="unfused").train()
-    assert kernel.rotary_pos_emb.compact and not unfused.rotary_pos_emb.compact
+    # The provider and every attention were built for their path: (positions, table) or megatron's frequencies.
+    assert [t.dim() for t in kernel.rotary_pos_emb(16)] == [1, 2]
+    assert [t.dim() for t in unfused.rotary_pos_emb(16)] == [4, 4]
+    assert {m.rope_impl for m in kernel.modules() if isinstance(m, self_attention.HarpeSelfAttention)} == {"torch"}
+    assert {m.rope_impl for m in unfused.modules() if isinstance(m, self_attention.HarpeSelfAttention)} == {"unfused"}
     loss_k, grads_k = loss_and_grads(kernel, ids)
     loss_u, grads_u = loss_and_grads(unfused, ids)
     assert torch.equal(loss_k, loss_u)
     assert all(torch.equal(grads_k[n], grads_u[n]) for n in grads_u)
 
 
-def saved_bytes(model, ids):
-    total = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        out = model(ids, None, None, labels=ids)
-    out.sum().backward()
-    return sum(total)
+def model_saved_bytes(model, ids):
+    return saved_bytes(model, ids, None, None, labels=ids)
 
 
 def test_harpe_saves_no_more_for_backward_than_standard_rope():
@@ -144,9 +169,9 @@ def test_harpe_saves_no_more_for_backward_than_standard_rope():
     config = tiny_config(num_attention_heads=8, num_query_groups=8)
     bases = [1e4 * (h + 1) for h in range(8)]
     with megatron_on_cpu():
-        standard = saved_bytes(plain_gpt(config, 10000), ids)
-    harpe = saved_bytes(tiny_model(config, bases=bases), ids)
-    unfused = saved_bytes(tiny_model(config, bases=bases, harpe_rope_impl="unfused"), ids)
+        standard = model_saved_bytes(plain_gpt(config, 10000), ids)
+    harpe = model_saved_bytes(tiny_model(config, bases=bases), ids)
+    unfused = model_saved_bytes(tiny_model(config, bases=bases, harpe_rope_impl="unfused"), ids)
     assert harpe <= 1.01 * standard
     assert unfused > harpe  # megatron's unfused path keeps [s, 1, h, d] cos/sin per layer
 
@@ -361,3 +386,14 @@ def test_spec_impl_choices():
     assert standard_layer_spec("local").submodules.self_attention.module.__name__ == "SelfAttention"
     with pytest.raises(ValueError, match="unknown layer implementation"):
         harpe_layer_spec("cuda")
+
+
+def test_the_layer_spec_given_is_left_as_it_was():
+    # The RoPE path goes into a new spec's params before megatron builds the layers; the caller's spec is untouched.
+    spec = harpe_layer_spec("local")
+    params = dict(spec.submodules.self_attention.params)
+    model = HarpeGPTModel(tiny_config(), spec, vocab_size=VOCAB, max_sequence_length=64, harpe_bases=TINY_BASES,
+                          harpe_rope_impl="torch")
+    assert spec.submodules.self_attention.params == params and "rope_impl" not in params
+    assert model.decoder.layers[0].self_attention.rope_impl == "torch"
+    assert model.rotary_pos_emb.rope_impl == "torch"

@@ -6,7 +6,7 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_harpe.cpu_compat import megatron_on_cpu
-from megatron_harpe.rotary import HarpeRotaryEmbedding
+from megatron_harpe.rotary import HarpeRotaryEmbedding, materialize_frequencies
 from utils import per_head_rope_reference, tiny_config
 
 
@@ -108,6 +108,23 @@ def test_context_parallel_slices_follow_load_balanced_chunks():
     assert torch.equal(q_packed, full_q)
 
 
+@pytest.mark.parametrize("rope_impl", ["auto", "torch", "triton"])
+def test_kernel_paths_get_positions_and_the_table(rope_impl):
+    # HARPE's kernels: the same information as megatron's pair, without materializing [s, heads, d].
+    rope = provider([1e4, 2e4], heads=4, groups=2, cp=(1, 2), rotary_interleaved=True, rope_impl=rope_impl)
+    positions, table = rope(16)
+    assert torch.equal(positions, torch.tensor([4.0, 5, 6, 7, 8, 9, 10, 11]))
+    assert table is rope.inv_freq
+    unfused = provider([1e4, 2e4], heads=4, groups=2, cp=(1, 2), rotary_interleaved=True)(16)
+    assert all(map(torch.equal, unfused, materialize_frequencies(positions, table, 2, True)))
+    assert rope.rope_impl == rope_impl
+
+
+def test_unknown_rope_impl_is_refused():
+    with pytest.raises(ValueError, match="unknown HARPE RoPE implementation 'fused'"):
+        provider([1e4, 2e4], heads=2, rope_impl="fused")
+
+
 def test_cp_indivisible_sequence_is_refused():
     with pytest.raises(ValueError, match="not divisible by 2 \\* context_parallel_size = 4"):
         provider([1e4, 2e4], heads=2, cp=(0, 2))(18)
@@ -135,9 +152,8 @@ def test_packed_table_covers_the_whole_pack_on_the_kernel_path():
     # the table by position in the padded sequence, so it must reach the pack's length: rows x CP (x TP with SP).
     params = PackedSeqParams(qkv_format="thd", max_seqlen_q=7, max_seqlen_kv=5)
     rows = torch.empty(10, 1, 64)  # this rank's THD rows, as the decoder input [t, 1, hidden]
-    rope = provider([1e4, 2e4], heads=2, cp=(1, 2))
+    rope = provider([1e4, 2e4], heads=2, cp=(1, 2), rope_impl="torch")
     plain, sequence_parallel = tiny_config(), tiny_config(tp=2, sequence_parallel=True)
-    rope.compact = True
     assert rope.get_rotary_seq_len(None, None, rows, plain, params) == 20
     assert rope.get_rotary_seq_len(None, None, rows, sequence_parallel, params) == 40
     params.cp_group = FakeGroup(0, 4)  # megatron's dynamic CP group for this micro-batch
@@ -145,8 +161,8 @@ def test_packed_table_covers_the_whole_pack_on_the_kernel_path():
     # Unpacked batches and the unfused path keep megatron's rule (its THD RoPE reads a table as long as the
     # pack as one continuous sequence).
     assert rope.get_rotary_seq_len(None, None, rows, plain, None) == 10
-    rope.compact = False
-    assert rope.get_rotary_seq_len(None, None, rows, plain, params) == 7
+    unfused = provider([1e4, 2e4], heads=2, cp=(1, 2), rope_impl="unfused")
+    assert unfused.get_rotary_seq_len(None, None, rows, plain, params) == 7
 
 
 # megatron's GPTModel calls rotary_pos_emb.get_cos_sin(max_sequence_length) for flash decoding (issue 15, item 7).

@@ -1,4 +1,5 @@
-"""HarpeSelfAttention with packed (THD) batches split over a context-parallel group the micro-batch brings.
+"""HarpeSelfAttention with packed (THD) batches split over a context-parallel group the micro-batch brings, fusion
+flags switched on late, and a provider built for another RoPE path.
 
 megatron's dynamic (hybrid) CP hands each micro-batch its CP group in ``packed_seq_params.cp_group``;
 Transformer Engine's attention follows it, so HARPE's RoPE positions and the CPU core attention must too.
@@ -15,8 +16,9 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron_harpe import self_attention
 from megatron_harpe.distributed import init_model_parallel, spawn
 from megatron_harpe.positions import packed_local_coordinates
+from megatron_harpe.rotary import HarpeRotaryEmbedding
 from test_rotary import FakeGroup
-from utils import VOCAB, tiny_config, tiny_model, tokens
+from utils import TINY_BASES, VOCAB, tiny_config, tiny_model, tokens
 
 LENGTHS, PADDED = [6, 3, 7], [8, 4, 8]  # padded to multiples of 2 * CP; 8 > max_seqlen = 7
 
@@ -116,3 +118,15 @@ def test_rope_fusion_switched_on_after_construction_is_never_used(monkeypatch, f
         assert all(getattr(m.config, flag) for m in model.modules() if isinstance(m, self_attention.HarpeSelfAttention))
         got = model(ids, None, None)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_a_provider_built_for_another_rope_path_is_refused_clearly():
+    # HarpeGPTModel builds the provider and the attentions with one rope_impl; a provider swapped in by hand may not.
+    model = tiny_model(tiny_config(), harpe_rope_impl="torch").eval()
+    config = model.config
+    model.rotary_pos_emb = HarpeRotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0, bases=TINY_BASES,
+                                                num_attention_heads=config.num_attention_heads,
+                                                num_query_groups=config.num_query_groups, rope_impl="unfused")
+    with pytest.raises(ValueError, match="built for HARPE's kernels .* same rope_impl"):
+        model(tokens(1, 8), None, None)

@@ -10,16 +10,19 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from megatron_harpe import HarpeGPTModel, harpe_layer_spec
-from megatron_harpe.configs import TINY_SHAPE, llama_config
+from megatron_harpe.shape import SHAPES
 
 VOCAB = 128
-TINY_BASES = [1.0e4, 2.5e5]  # one per query group of TINY_SHAPE (2 groups); far apart on purpose
+TINY_BASES = [1.0e4, 2.5e5]  # one per query group of SHAPES['tiny'] (2 groups); far apart on purpose
+
+
+SIZES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
 
 
 def tiny_config(tp=1, pp=1, cp=1, **overrides):
-    shape = dict(TINY_SHAPE)
-    shape.update({k: overrides.pop(k) for k in list(overrides) if k in shape})
-    return llama_config(**shape, tp=tp, pp=pp, cp=cp, **overrides)
+    """The tiny preset's TransformerConfig; size overrides (``num_layers=4``) change the shape first."""
+    sizes = {k: overrides.pop(k) for k in list(overrides) if k in SIZES}
+    return SHAPES["tiny"].with_sizes(**sizes).transformer_config(tp=tp, pp=pp, cp=cp, **overrides)
 
 
 def tiny_model(config=None, bases=TINY_BASES, seed=1234, **kwargs):

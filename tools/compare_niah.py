@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.eval.cli: two NIAH results side by side and their difference."""
+"""harpe-compare-niah (megatron_harpe.eval.cli:compare_niah), as a script for Megatron-LM habits:
+two NIAH results side by side and their difference.
+"""
 import sys
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.convert.cli: Hugging Face Llama-2 -> Megatron-LM checkpoint."""
+"""harpe-convert-hf-to-megatron (megatron_harpe.convert.cli:hf_to_megatron), as a script for Megatron-LM habits:
+Hugging Face Llama-2 -> Megatron-LM checkpoint.
+"""
 import sys
 
 if __name__ == "__main__":

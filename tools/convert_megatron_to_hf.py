@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.convert.cli: Megatron-LM checkpoint -> Hugging Face."""
+"""harpe-convert-megatron-to-hf (megatron_harpe.convert.cli:megatron_to_hf), as a script for Megatron-LM habits:
+Megatron-LM checkpoint -> Hugging Face.
+"""
 import sys
 
 if __name__ == "__main__":

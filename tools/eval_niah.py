@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.eval.cli: Needle-in-a-Haystack heatmap of a Hugging Face model directory."""
+"""harpe-eval-niah (megatron_harpe.eval.cli:eval_niah), as a script for Megatron-LM habits:
+Needle-in-a-Haystack heatmap of a Hugging Face model directory.
+"""
 import sys
 
 if __name__ == "__main__":

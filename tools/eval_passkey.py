@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.eval.cli: passkey evaluation of a Hugging Face model directory."""
+"""harpe-eval-passkey (megatron_harpe.eval.cli:eval_passkey), as a script for Megatron-LM habits:
+passkey evaluation of a Hugging Face model directory.
+"""
 import sys
 
 if __name__ == "__main__":

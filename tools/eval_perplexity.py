@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.eval.cli: perplexity evaluation of a Hugging Face model directory."""
+"""harpe-eval-perplexity (megatron_harpe.eval.cli:eval_perplexity), as a script for Megatron-LM habits:
+perplexity evaluation of a Hugging Face model directory.
+"""
 import sys
 
 if __name__ == "__main__":

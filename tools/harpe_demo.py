@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.demo (the embedded-default demonstration)."""
+"""harpe-demo (megatron_harpe.cli:demo), as a script for Megatron-LM habits: the embedded-default demonstration."""
 import sys
 
 if __name__ == "__main__":
     from megatron_harpe.warning_filters import filter_unactionable_warnings
 
-    filter_unactionable_warnings()  # before megatron_harpe.demo imports anything heavy
-    from megatron_harpe.demo import main
+    filter_unactionable_warnings()  # before megatron_harpe.cli imports anything heavy
+    from megatron_harpe.cli import demo
 
-    sys.exit(main())
+    sys.exit(demo())

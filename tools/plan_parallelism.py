@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.planning.cli: which TP/PP/CP/DP and recompute settings fit, best first."""
+"""harpe-plan-parallelism (megatron_harpe.planning.cli:main), as a script for Megatron-LM habits:
+which TP/PP/CP/DP and recompute settings fit, best first.
+"""
 import sys
 
 if __name__ == "__main__":

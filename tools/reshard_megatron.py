@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Command-line front for megatron_harpe.convert.cli: Megatron-LM checkpoint -> another TP/PP layout."""
+"""harpe-reshard-megatron (megatron_harpe.convert.cli:reshard), as a script for Megatron-LM habits:
+Megatron-LM checkpoint -> another TP/PP layout.
+"""
 import sys
 
 if __name__ == "__main__":

@@ -9,69 +9,43 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
-from typing import Dict, List, Optional
+from collections.abc import Callable
 
-from megatron_harpe.outputs import OutputError, atomic_output_dir, check_output_dir, refuse_overlap
+from megatron_harpe.arguments import add_harpe_base_arguments, refuse_unused_search_flags, resolve_harpe_bases
+from megatron_harpe.command import run_command
+from megatron_harpe.outputs import atomic_output_dir, check_output_dir, refuse_overlap
+from megatron_harpe.warning_filters import filter_unactionable_warnings
 
 log = logging.getLogger(__name__)
 DTYPE_NAMES = ("bf16", "fp16", "fp32")  # hf_checkpoint.DTYPES' keys, without importing torch for --help
-SEARCH_FLAGS = ("harpe_base_min", "harpe_base_max", "harpe_stride", "harpe_target_length")
 ALLOW_PICKLE_HELP = ("load checkpoint files that need full unpickling (runs any code they carry): torch-format "
                      "files holding more than tensors and Megatron's own types, and every torch_dist checkpoint, "
                      "whose .metadata torch unpickles; only for checkpoints you trust")
 
 
-def _harpe_flags(args) -> List[str]:
-    flags = []
-    if args.harpe_bases:
-        flags += ["--harpe-bases", args.harpe_bases]
-    if args.harpe_strategy:
-        flags += ["--harpe-strategy", args.harpe_strategy]
-        for flag in ("harpe_base_min", "harpe_base_max", "harpe_stride", "harpe_target_length"):
-            if getattr(args, flag) is not None:
-                flags += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-    return flags
-
-
-def _progress(total: int, desc: str):
+def _progress(total: int | None, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="step", mininterval=1.0)
 
 
-def _refuse_search_flags_without_strategy(parser: argparse.ArgumentParser, args) -> None:
-    """The base-search flags only steer --harpe-strategy; alone they would silently give standard RoPE."""
-    given = ["--" + flag.replace("_", "-") for flag in SEARCH_FLAGS if getattr(args, flag) is not None]
-    if given and not args.harpe_strategy:
-        parser.error(f"{', '.join(given)} set the base search of --harpe-strategy: add --harpe-strategy "
-                     "(peak_valley, uniform or geometric), or drop them (--harpe-bases gives the bases themselves)")
-
-
-def _check_out(out: str, force: bool, inputs: Dict[str, Optional[str]]) -> None:
+def _check_out(out: str, force: bool, inputs: dict[str, str | None]) -> None:
     refuse_overlap(out, inputs)
     check_output_dir(out, force)
 
 
-def _run(main_body) -> int:
+def _run(body: Callable[[], None]) -> int:
+    """A conversion's status: its own errors carry theirs (megatron_harpe.command); Megatron's argument errors are
+    ValueErrors (2), a missing or unreadable path an OSError (1)."""
+    filter_unactionable_warnings()  # the console scripts too, not only tools/*.py
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    from megatron_harpe.convert.mapping import ConversionError
-    from megatron_harpe.training.checkpoint import UnsafeCheckpointError
-
-    try:
-        main_body()
-    except (ConversionError, OutputError, UnsafeCheckpointError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except ValueError as e:  # HARPE and Megatron argument errors, unreadable checkpoints
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(body, usage=(ValueError,), failures=(FileNotFoundError, PermissionError))
 
 
-def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Hugging Face Llama-2 -> Megatron-LM checkpoint (any TP/PP, HARPE bases).")
+def hf_to_megatron(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Hugging Face Llama-2 -> Megatron-LM checkpoint (any TP/PP, HARPE bases).",
+                                allow_abbrev=False)
     p.add_argument("--hf-dir", required=True)
     p.add_argument("--out", required=True, help="a new directory (the checkpoint root, --load / --pretrained-checkpoint)")
     p.add_argument("--tp", type=int, default=1)
@@ -85,19 +59,14 @@ def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
                    help="the layer spec the torch format's key names follow (torch_dist fits both)")
     p.add_argument("--seq-length", type=int, help="training sequence length saved in the args (default: the "
                                                   "config's max_position_embeddings)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--harpe-bases", help="one RoPE base per query group, or 'paper-llama2-7b'")
-    src.add_argument("--harpe-strategy", choices=["peak_valley", "uniform", "geometric"])
-    p.add_argument("--harpe-base-min", type=float, help="with --harpe-strategy")
-    p.add_argument("--harpe-base-max", type=float, help="with --harpe-strategy")
-    p.add_argument("--harpe-stride", type=float, help="with --harpe-strategy")
-    p.add_argument("--harpe-target-length", type=int, help="with --harpe-strategy")
+    add_harpe_base_arguments(p, search_defaults=False,
+                             neither="the bases of an exported HARPE model's config.json, else standard RoPE")
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model*.bin (unpickling runs code)")
     p.add_argument("--force", action="store_true", help="replace an --out this command wrote before")
     args = p.parse_args(argv)
-    _refuse_search_flags_without_strategy(p, args)
 
     def body():
+        refuse_unused_search_flags(args)  # before any work
         from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint
         from megatron_harpe.convert.mapping import GLOBAL_TABLE
         from megatron_harpe.convert.megatron_checkpoint import megatron_args, write_torch, write_torch_dist
@@ -106,12 +75,13 @@ def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
         hf = HFCheckpoint(args.hf_dir, allow_pickle=args.allow_pickle)
         hf.shape.check_layout(args.tp, args.pp)
         dtype = args.dtype or hf.dtype
-        harpe = _harpe_flags(args)
-        if not harpe and hf.harpe_bases:  # an exported HARPE model keeps its bases
-            harpe = ["--harpe-bases", ",".join(map(str, hf.harpe_bases))]
+        seq_length = args.seq_length or hf.shape.max_position_embeddings
+        bases = resolve_harpe_bases(args, hf.shape.num_query_groups, hf.shape.head_dim, seq_length,
+                                    search_defaults=False)
+        if bases is None and hf.harpe_bases:  # an exported HARPE model keeps its bases
+            bases = [float(b) for b in hf.harpe_bases]
         margs = megatron_args(hf.shape, tp=args.tp, pp=args.pp, dtype=dtype, ckpt_format=args.format,
-                              transformer_impl=args.transformer_impl,
-                              seq_length=args.seq_length or hf.shape.max_position_embeddings, harpe_args=harpe)
+                              transformer_impl=args.transformer_impl, seq_length=seq_length, harpe_bases=bases)
         with atomic_output_dir(args.out, force=args.force, tool="convert_hf_to_megatron",
                                inputs={"--hf-dir": args.hf_dir}) as tmp:
             if args.format == "torch":
@@ -120,15 +90,15 @@ def hf_to_megatron(argv: Optional[List[str]] = None) -> int:
                     write_torch(tmp, hf.read, hf.shape, margs, DTYPES[dtype], bar.update)
             else:
                 write_torch_dist(tmp, hf.read, hf.shape, margs, DTYPES[dtype])
-        bases = getattr(margs, "harpe_bases", None)
         print(f"wrote {args.out} ({args.format}, TP={args.tp} PP={args.pp}, {dtype}, padded vocab "
               f"{margs.padded_vocab_size}" + (f", {len(bases)} HARPE bases" if bases else ", standard RoPE") + ")")
 
     return _run(body)
 
 
-def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Megatron-LM checkpoint (any TP/PP, torch or torch_dist) -> Hugging Face.")
+def megatron_to_hf(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Megatron-LM checkpoint (any TP/PP, torch or torch_dist) -> Hugging Face.",
+                                allow_abbrev=False)
     p.add_argument("--megatron-dir", required=True, help="the checkpoint root (holds latest_checkpointed_iteration.txt)")
     p.add_argument("--out", required=True, help="a new directory")
     p.add_argument("--iteration", type=int, help="default: the latest")
@@ -143,6 +113,7 @@ def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
 
     def body():
         from megatron_harpe.arguments import harpe_bases_from_args
+        from megatron_harpe.checkpoint_layout import read_checkpoint
         from megatron_harpe.convert.hf_checkpoint import (
             DTYPES,
             HFWriter,
@@ -153,11 +124,10 @@ def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
         )
         from megatron_harpe.convert.mapping import ConversionError
         from megatron_harpe.convert.megatron_checkpoint import (
+            checkpoint_shape,
             hf_tensors,
             megatron_full_tensors,
-            read_args,
             run_dtype,
-            shape_from_args,
         )
 
         inputs = {"--megatron-dir": args.megatron_dir, "--tokenizer-model": args.tokenizer_model}
@@ -169,8 +139,8 @@ def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
                 raise ConversionError(f"--vocab-size {vocab} but --tokenizer-model has {tokenizer_vocab} pieces: "
                                       "give one of them, or the tokenizer the model was trained with")
             vocab = tokenizer_vocab
-        path, fmt, margs = read_args(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)
-        shape = shape_from_args(margs, vocab, vocab_flags="--vocab-size or --tokenizer-model")
+        path, fmt, margs = read_checkpoint(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)
+        shape = checkpoint_shape(margs, vocab, vocab_flags="--vocab-size or --tokenizer-model")
         bases = harpe_bases_from_args(margs)
         dtype = args.dtype or run_dtype(margs)
         special = tokenizer_special_ids(args.tokenizer_model) if args.tokenizer_model else None
@@ -190,8 +160,9 @@ def megatron_to_hf(argv: Optional[List[str]] = None) -> int:
     return _run(body)
 
 
-def reshard(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Megatron-LM checkpoint (TP a, PP b) -> torch format at (TP c, PP d).")
+def reshard(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Megatron-LM checkpoint (TP a, PP b) -> torch format at (TP c, PP d).",
+                                allow_abbrev=False)
     p.add_argument("--megatron-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, required=True)
@@ -204,27 +175,26 @@ def reshard(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
 
     def body():
+        from megatron_harpe.checkpoint_layout import read_checkpoint
         from megatron_harpe.convert.hf_checkpoint import DTYPES
-        from megatron_harpe.convert.mapping import padded_vocab_size
         from megatron_harpe.convert.megatron_checkpoint import (
+            checkpoint_shape,
             hf_tensors,
             megatron_full_tensors,
-            read_args,
             run_dtype,
-            shape_from_args,
             write_torch,
         )
 
         _check_out(args.out, args.force, {"--megatron-dir": args.megatron_dir})
-        path, fmt, margs = read_args(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)
-        shape = shape_from_args(margs, args.vocab_size, vocab_flags="--vocab-size")
+        path, fmt, margs = read_checkpoint(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)
+        shape = checkpoint_shape(margs, args.vocab_size, vocab_flags="--vocab-size")
         shape.check_layout(args.tp, args.pp)
         # Through the same table: megatron (any layout) -> Hugging Face names -> megatron at the new layout.
         hf = dict(hf_tensors(megatron_full_tensors(path, fmt, margs, args.allow_pickle), shape))
         new = argparse.Namespace(**vars(margs))
         new.tensor_model_parallel_size, new.pipeline_model_parallel_size, new.ckpt_format = args.tp, args.pp, "torch"
         new.transformer_impl = args.transformer_impl or margs.transformer_impl
-        new.padded_vocab_size = padded_vocab_size(shape.vocab_size, args.tp, margs.make_vocab_size_divisible_by)
+        new.padded_vocab_size = shape.padded_vocab_size(args.tp, margs.make_vocab_size_divisible_by)
         new.vocab_size = shape.vocab_size
         with atomic_output_dir(args.out, force=args.force, tool="reshard_megatron",
                                inputs={"--megatron-dir": args.megatron_dir}) as tmp:

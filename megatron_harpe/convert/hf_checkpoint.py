@@ -5,51 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict, List, Optional
 
 import torch
 
-from megatron_harpe.convert.mapping import GLOBAL_TABLE, LAYER_TABLE, ConversionError, LlamaShape, hf_layer_name
+from megatron_harpe.convert.mapping import GLOBAL_TABLE, LAYER_TABLE, ConversionError, hf_layer_name
+from megatron_harpe.shape import LlamaShape, ShapeError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _CONFIG_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 HARPE_FILES = ("configuration_harpe_llama.py", "modeling_harpe_llama.py")
 
 
-def _rope_theta(config: dict) -> float:
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in ("default", None):
-        raise ConversionError(f"RoPE scaling {kind!r} is not Llama-2's plain RoPE: convert the base model")
-    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
-
-
-def shape_from_hf_config(config: dict, path: str = "config.json") -> LlamaShape:
-    """Check that ``config`` is a Llama-2-style model this converter maps exactly, and return its shape."""
-    model_type = config.get("model_type")
-    if model_type not in ("llama", "harpe_llama"):
-        raise ConversionError(f"{path}: model_type {model_type!r} is not a Llama (Llama-2 checkpoints say 'llama')")
-    problems = []
-    if config.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act {config['hidden_act']!r} (Llama uses silu)")
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        problems.append("biases (Llama has none)")
-    if config.get("tie_word_embeddings"):
-        problems.append("tied input and output embeddings (Llama-2 unties them)")
-    heads = config["num_attention_heads"]
-    if config.get("head_dim") not in (None, config["hidden_size"] // heads):
-        problems.append(f"head_dim {config['head_dim']} != hidden_size / heads")
-    if problems:
-        raise ConversionError(f"{path}: unsupported {', '.join(problems)}")
-    return LlamaShape(num_layers=config["num_hidden_layers"], hidden_size=config["hidden_size"],
-                      ffn_hidden_size=config["intermediate_size"], num_attention_heads=heads,
-                      num_query_groups=config.get("num_key_value_heads") or heads, vocab_size=config["vocab_size"],
-                      max_position_embeddings=config["max_position_embeddings"], rope_theta=_rope_theta(config),
-                      norm_eps=float(config.get("rms_norm_eps", 1e-5)))
-
-
-def required_hf_names(shape: LlamaShape) -> List[str]:
+def required_hf_names(shape: LlamaShape) -> list[str]:
     names = [hf for _, hf, _, _ in GLOBAL_TABLE]
     names += [hf_layer_name(layer, n) for layer in range(shape.num_layers) for _, hf_names, _ in LAYER_TABLE
               for n in hf_names]
@@ -66,10 +33,13 @@ class HFCheckpoint:
             raise ConversionError(f"{path} has no config.json: give a Hugging Face model directory")
         with open(config_path) as f:
             self.config = json.load(f)
-        self.shape = shape_from_hf_config(self.config, config_path)
+        try:
+            self.shape = LlamaShape.from_hf_config(self.config, config_path)
+        except ShapeError as e:  # the checkpoint is the input that cannot be converted: a failed run
+            raise ConversionError(str(e)) from None
         self.harpe_bases = self.config.get("harpe_bases")
         self.dtype = _CONFIG_DTYPES.get(str(self.config.get("torch_dtype", self.config.get("dtype", ""))), "bf16")
-        self._pickled: Dict[str, dict] = {}
+        self._pickled: dict[str, dict] = {}
         self.weight_map = self._weight_map(allow_pickle)
         missing = [n for n in required_hf_names(self.shape) if n not in self.weight_map]
         if missing:
@@ -78,7 +48,7 @@ class HFCheckpoint:
         if absent:
             raise ConversionError(f"{path}: shard {absent[0]} listed in the index is missing")
 
-    def _weight_map(self, allow_pickle: bool) -> Dict[str, str]:
+    def _weight_map(self, allow_pickle: bool) -> dict[str, str]:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = os.path.join(self.path, index_name)
             if os.path.isfile(index):
@@ -97,7 +67,7 @@ class HFCheckpoint:
             return {name: "pytorch_model.bin" for name in self._load_pickled("pytorch_model.bin")}
         raise ConversionError(f"{self.path} has no model.safetensors[.index.json]: not a Hugging Face checkpoint")
 
-    def _safetensors_keys(self, file: str) -> List[str]:
+    def _safetensors_keys(self, file: str) -> list[str]:
         from safetensors import safe_open
 
         try:
@@ -131,10 +101,10 @@ class HFWriter:
 
     def __init__(self, out_dir: str, max_shard_bytes: int = 5 * 2**30):
         self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
-        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.total_bytes = 0  # tensor bytes, the index's total_size (as transformers writes it), not file bytes
-        self.shards: List[List[str]] = []
+        self.shards: list[list[str]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -183,7 +153,7 @@ def tokenizer_vocab_size(tokenizer_model: str) -> int:
     return _sentencepiece(tokenizer_model).vocab_size()
 
 
-def tokenizer_special_ids(tokenizer_model: str) -> Dict[str, Optional[int]]:
+def tokenizer_special_ids(tokenizer_model: str) -> dict[str, int | None]:
     """bos/eos/pad/unk ids of a sentencepiece model (its -1 means none: None)."""
     sp = _sentencepiece(tokenizer_model)
     ids = {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id(), "pad_token_id": sp.pad_id(),
@@ -191,8 +161,8 @@ def tokenizer_special_ids(tokenizer_model: str) -> Dict[str, Optional[int]]:
     return {k: (v if v >= 0 else None) for k, v in ids.items()}
 
 
-def write_hf_config(out_dir: str, shape: LlamaShape, dtype: str, harpe_bases: Optional[List[float]],
-                    special_ids: Optional[Dict[str, Optional[int]]] = None) -> None:
+def write_hf_config(out_dir: str, shape: LlamaShape, dtype: str, harpe_bases: list[float] | None,
+                    special_ids: dict[str, int | None] | None = None) -> None:
     """``config.json`` (``LlamaForCausalLM``, or the HARPE model with ``auto_map``) and ``generation_config.json``.
 
     ``special_ids`` (:func:`tokenizer_special_ids`) default to Llama-2's bos 1 / eos 2, no pad.
@@ -229,7 +199,7 @@ def write_hf_tokenizer(out_dir: str, tokenizer_model: str) -> None:
 
     sp = _sentencepiece(tokenizer_model)
 
-    def piece(i: int) -> Optional[str]:
+    def piece(i: int) -> str | None:
         return sp.id_to_piece(i) if i >= 0 else None
 
     shutil.copyfile(tokenizer_model, os.path.join(out_dir, "tokenizer.model"))

@@ -11,16 +11,17 @@ stripped on export). Hugging Face's q/k rows are already in the rotate-half orde
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from megatron_harpe.command import RunError
+from megatron_harpe.shape import LlamaShape
 from megatron_harpe.sharding import tp_slice
 
 # (megatron name under decoder.layers.N., Hugging Face names under model.layers.N., combination)
-LAYER_TABLE: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
+LAYER_TABLE: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("input_layernorm.weight", ("input_layernorm.weight",), "same"),
     ("self_attention.linear_qkv.weight", ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                                           "self_attn.v_proj.weight"), "qkv"),
@@ -30,7 +31,7 @@ LAYER_TABLE: Tuple[Tuple[str, Tuple[str, ...], str], ...] = (
     ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "same"),
 )
 # (megatron name, Hugging Face name, combination, pipeline stage that holds it)
-GLOBAL_TABLE: Tuple[Tuple[str, str, str, str], ...] = (
+GLOBAL_TABLE: tuple[tuple[str, str, str, str], ...] = (
     ("embedding.word_embeddings.weight", "model.embed_tokens.weight", "vocab", "first"),
     ("decoder.final_layernorm.weight", "model.norm.weight", "same", "last"),
     ("output_layer.weight", "lm_head.weight", "vocab", "last"),
@@ -49,48 +50,8 @@ TE_NORM_NAMES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                  "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
-class ConversionError(ValueError):
-    """A checkpoint or a layout the conversion cannot handle; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """What both sides must agree on."""
-
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int
-    vocab_size: int
-    max_position_embeddings: int
-    rope_theta: float
-    norm_eps: float
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def check_layout(self, tp: int, pp: int) -> None:
-        problems = []
-        if self.num_attention_heads % tp or self.num_query_groups % tp:
-            problems.append(f"TP={tp} must divide the {self.num_attention_heads} heads and the "
-                            f"{self.num_query_groups} query groups")
-        if self.ffn_hidden_size % tp:
-            problems.append(f"TP={tp} must divide the MLP width {self.ffn_hidden_size}")
-        if self.num_layers % pp:
-            problems.append(f"PP={pp} must divide the {self.num_layers} layers")
-        if problems:
-            raise ConversionError("; ".join(problems))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron's padded vocabulary (``--make-vocab-size-divisible-by`` x TP), as its tokenizer build computes it."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
+class ConversionError(RunError, ValueError):
+    """A checkpoint or a layout the conversion cannot handle (exit 1); the message says what to do."""
 
 
 # --- combinations ----------------------------------------------------------------------------------------------
@@ -115,7 +76,7 @@ def to_megatron(combination: str, hf: Sequence[Tensor], shape: LlamaShape, padde
     raise KeyError(combination)
 
 
-def to_hf(combination: str, megatron: Tensor, shape: LlamaShape) -> Tuple[Tensor, ...]:
+def to_hf(combination: str, megatron: Tensor, shape: LlamaShape) -> tuple[Tensor, ...]:
     if combination == "same":
         return (megatron,)
     if combination == "gate_up":
@@ -133,12 +94,14 @@ def to_hf(combination: str, megatron: Tensor, shape: LlamaShape) -> Tuple[Tensor
 
 # --- tensor and pipeline parallel layout -----------------------------------------------------------------------
 
-def partition_dim(megatron_name: str) -> Optional[int]:
-    module = megatron_name.rsplit(".", 2)[-2]
+def partition_dim(megatron_name: str) -> int | None:
+    module, parameter = megatron_name.rsplit(".", 2)[-2:]
+    if parameter.startswith("layer_norm_"):  # Transformer Engine's fused norm: replicated, whatever module holds it
+        return None
     return PARTITION_DIM.get(module)
 
 
-def split_tp(megatron_name: str, full: Tensor, tp: int) -> List[Tensor]:
+def split_tp(megatron_name: str, full: Tensor, tp: int) -> list[Tensor]:
     """Every TP rank's part of a full megatron tensor (SwiGLU fc1 keeps ``[gate_r; up_r]`` per rank)."""
     dim = partition_dim(megatron_name)
     if dim is None or tp == 1:
@@ -179,7 +142,7 @@ def megatron_layer_name(local_layer: int, name: str, transformer_impl: str = "lo
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def parse_layer_key(key: str) -> Optional[Tuple[int, str]]:
+def parse_layer_key(key: str) -> tuple[int, str] | None:
     """``(local layer, name in LAYER_TABLE's spelling)`` for a layer key of either spec, else None."""
     m = _LAYER_KEY.match(key)
     if m is None:
@@ -195,7 +158,7 @@ def hf_layer_name(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{name}"
 
 
-def full_megatron_state(read_hf, shape: LlamaShape, padded_vocab: int) -> Dict[str, Tensor]:
+def full_megatron_state(read_hf: Callable[[str], Tensor], shape: LlamaShape, padded_vocab: int) -> dict[str, Tensor]:
     """The whole TP=1/PP=1 megatron state dict from ``read_hf(name) -> Tensor`` (tests and torch_dist)."""
     state = {}
     for megatron, hf, combination, _ in GLOBAL_TABLE:

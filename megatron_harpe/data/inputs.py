@@ -9,10 +9,12 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, List, Sequence, Tuple
 
+from megatron_harpe.command import RunError
+
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 
 
-class InputError(ValueError):
+class InputError(RunError, ValueError):  # an input that cannot be read: exit 1
     """A corpus that cannot be read as given; the message says what to do."""
 
 

@@ -13,11 +13,11 @@ import json
 import logging
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_harpe.outputs import OutputExistsError, atomic_output_files
+from megatron_harpe.command import FAILED, USAGE, CommandError
+from megatron_harpe.outputs import atomic_output_files
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,14 @@ _ALIASES = {"cc": "commoncrawl", "common_crawl": "commoncrawl", "books": "book",
 HISTOGRAM_EDGES = [0, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
 
-class MixtureError(ValueError):
-    """A spec or a source that cannot make the requested mixture; the message says what to change."""
+class MixtureError(CommandError, ValueError):
+    """A spec or a source that cannot make the requested mixture; the message says what to change.
+
+    Exit 2 (the flags or the spec ask for what cannot be), or 1 where the sources' data fall short
+    (``exit_code=FAILED``).
+    """
+
+    exit_code = USAGE
 
 
 def canonical_source(name: str) -> str:
@@ -43,10 +49,10 @@ def canonical_source(name: str) -> str:
 class MixtureSpec:
     """What to build. Defaults reproduce Fu et al.: source weights, 4096-token threshold, 0.1, 128k packing."""
 
-    weights: Dict[str, float] = field(default_factory=lambda: dict(FU_ET_AL_WEIGHTS))
+    weights: dict[str, float] = field(default_factory=lambda: dict(FU_ET_AL_WEIGHTS))
     long_threshold: int = 4096
     short_keep_probability: float = 0.1
-    target_tokens: Optional[int] = None    # default: the most tokens with no kept document repeated
+    target_tokens: int | None = None    # default: the most tokens with no kept document repeated
     sequence_length: int = 131072
     seed: int = 1234
 
@@ -57,9 +63,10 @@ class MixtureSpec:
             with open(path) as f:
                 raw = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MixtureError(f"{path}: not a JSON mixture spec ({e})") from None
+            raise MixtureError(f"{path}: not a JSON mixture spec ({e})", exit_code=FAILED) from None
         if not isinstance(raw, dict):
-            raise MixtureError(f"{path}: not a JSON mixture spec (a JSON {type(raw).__name__}, not an object)")
+            raise MixtureError(f"{path}: not a JSON mixture spec (a JSON {type(raw).__name__}, not an object)",
+                               exit_code=FAILED)
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
             raise MixtureError(f"{path}: unknown spec field(s) {sorted(unknown)}; known: "
@@ -80,10 +87,10 @@ class MixtureSpec:
             raise MixtureError(f"source weights must be non-negative with a positive sum, got {self.weights}")
 
 
-def with_weights(defaults: Dict[str, float], given, where: str) -> Dict[str, float]:
+def with_weights(defaults: dict[str, float], given, where: str) -> dict[str, float]:
     """``defaults`` with each given ``(name, weight)`` replacing only its own source's weight (names canonical)."""
     weights = {canonical_source(n): w for n, w in defaults.items()}
-    seen: Dict[str, str] = {}
+    seen: dict[str, str] = {}
     for name, value in given:
         source = canonical_source(name)
         if source in seen:
@@ -96,7 +103,7 @@ def with_weights(defaults: Dict[str, float], given, where: str) -> Dict[str, flo
     return weights
 
 
-def check_weighted_sources(weighted: List[str], sources: List[str]) -> None:
+def check_weighted_sources(weighted: list[str], sources: list[str]) -> None:
     """Every ``--weight`` names a ``--source``: a weight for an absent one would be silently unused."""
     given = {canonical_source(n) for n in sources}
     absent = [n for n in weighted if canonical_source(n) not in given]
@@ -115,7 +122,7 @@ class SourcePlan:
     kept_documents: int
     kept_tokens: int
     budget: int                   # tokens this source contributes
-    selection: List[Tuple[int, int]] = field(repr=False)  # (document index, tokens taken), in mixture order
+    selection: list[tuple[int, int]] = field(repr=False)  # (document index, tokens taken), in mixture order
     epochs: float = 0.0
 
 
@@ -126,14 +133,14 @@ def document_lengths(dataset) -> np.ndarray:
     return cumulative[bounds[1:]] - cumulative[bounds[:-1]]
 
 
-def _budgets(weights: Dict[str, float], total: int) -> Dict[str, int]:
+def _budgets(weights: dict[str, float], total: int) -> dict[str, int]:
     names = list(weights)
     budgets = {n: int(round(weights[n] * total)) for n in names}
     budgets[names[int(np.argmax([weights[n] for n in names]))]] += total - sum(budgets.values())
     return budgets
 
 
-def plan_mixture(sources: Dict[str, str], spec: MixtureSpec, datasets: Dict[str, object]) -> List[SourcePlan]:
+def plan_mixture(sources: dict[str, str], spec: MixtureSpec, datasets: dict[str, object]) -> list[SourcePlan]:
     """Choose, per source, which documents (how many tokens of each) go into the mixture."""
     spec.validate()
     names = {canonical_source(n): n for n in sources}
@@ -164,7 +171,8 @@ def plan_mixture(sources: Dict[str, str], spec: MixtureSpec, datasets: Dict[str,
                                 kept_tokens=int(lengths[kept].sum()), budget=0, selection=[]))
     empty = [p.name for p in plans if p.weight > 0 and p.kept_tokens == 0]
     if empty:
-        raise MixtureError(f"source(s) {empty} keep no tokens: check the datasets or lower --long-threshold")
+        raise MixtureError(f"source(s) {empty} keep no tokens: check the datasets or lower --long-threshold",
+                           exit_code=FAILED)
 
     target = spec.target_tokens
     if target is None:  # the largest mixture in which no kept document has to be repeated
@@ -172,7 +180,8 @@ def plan_mixture(sources: Dict[str, str], spec: MixtureSpec, datasets: Dict[str,
     target -= target % spec.sequence_length
     if target < spec.sequence_length:
         raise MixtureError(f"the sources hold fewer kept tokens than one {spec.sequence_length}-token sequence "
-                           "at these weights: give more data, a smaller --seq-length or --target-tokens")
+                           "at these weights: give more data, a smaller --seq-length or --target-tokens",
+                           exit_code=FAILED)
     budgets = _budgets({p.name: p.weight for p in plans}, target)
     for index, plan in enumerate(plans):
         plan.budget = budgets[plan.name]
@@ -193,7 +202,7 @@ def plan_mixture(sources: Dict[str, str], spec: MixtureSpec, datasets: Dict[str,
     return plans
 
 
-def length_histogram(lengths: np.ndarray, edges=HISTOGRAM_EDGES) -> Dict[str, List[float]]:
+def length_histogram(lengths: np.ndarray, edges=HISTOGRAM_EDGES) -> dict[str, list[float]]:
     """Share of documents and of tokens per document-length bin (the last bin is open-ended)."""
     lengths = np.asarray(lengths, dtype=np.int64)
     bins = np.searchsorted(np.asarray(edges[1:]), lengths, side="right")
@@ -203,13 +212,13 @@ def length_histogram(lengths: np.ndarray, edges=HISTOGRAM_EDGES) -> Dict[str, Li
             "tokens": (tokens / max(tokens.sum(), 1)).tolist()}
 
 
-def bin_labels(edges=HISTOGRAM_EDGES) -> List[str]:
+def bin_labels(edges=HISTOGRAM_EDGES) -> list[str]:
     def k(n):
         return f"{n // 1024}k" if n >= 1024 else str(n)
     return [f"{k(a)}-{k(b)}" for a, b in zip(edges[:-1], edges[1:])] + [f">={k(edges[-1])}"]
 
 
-def histogram_table(before: Dict, after: Dict) -> str:
+def histogram_table(before: dict, after: dict) -> str:
     rows = ["doc length   share of tokens: source mix -> upsampled   share of documents: source mix -> upsampled"]
     for label, tb, ta, db, da in zip(bin_labels(), before["tokens"], after["tokens"], before["documents"],
                                      after["documents"]):
@@ -217,163 +226,147 @@ def histogram_table(before: Dict, after: Dict) -> str:
     return "\n".join(rows)
 
 
-def write_mixture(plans: List[SourcePlan], datasets: Dict[str, object], spec: MixtureSpec, output_prefix: str,
+def write_mixture(plans: list[SourcePlan], datasets: dict[str, object], spec: MixtureSpec, output_prefix: str,
                   output_format: str = "indexed", force: bool = False, progress: bool = True) -> dict:
     """Write the planned mixture and its report; returns the report."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
-    from tqdm import tqdm
-
     if output_format not in ("indexed", "blend"):
         raise MixtureError(f"unknown output format {output_format!r}: 'indexed' or 'blend'")
-    dtypes = {datasets[p.name].index.dtype for p in plans}
-    if len(dtypes) > 1:
-        raise MixtureError(f"the sources were tokenized with different vocabularies (dtypes {dtypes}): "
-                           "preprocess them all with the same tokenizer")
-    dtype = dtypes.pop()
-    final = {"mixture": output_prefix} if output_format == "indexed" else {
-        p.name: f"{output_prefix}_{p.name}" for p in plans}
-    extras = {"report": f"{output_prefix}.mixture.json", "picture": f"{output_prefix}.length_histogram.png"}
-    if output_format == "blend":
-        extras["data_path"] = f"{output_prefix}.data_path.txt"
-    files = [f(prefix) for prefix in final.values() for f in (get_bin_path, get_idx_path)] + list(extras.values())
-
-    # One stream of (source, document, tokens) in a seeded interleaved order (GPTDataset shuffles again anyway).
-    order = [(p.name, doc, n) for p in plans for doc, n in p.selection]
-    np.random.default_rng(spec.seed).shuffle(order)
-    with atomic_output_files(files, force=force) as staged:
-        builders = {key: IndexedDatasetBuilder(staged[get_bin_path(prefix)], dtype=dtype)
-                    for key, prefix in final.items()}
-        mixed_lengths, long_tokens = [], 0
-        all_lengths = {p.name: document_lengths(datasets[p.name]) for p in plans}
-        for name, doc, n in tqdm(order, desc="writing mixture", unit="doc", disable=not progress, mininterval=1.0):
-            dataset = datasets[name]
-            start, stop = dataset.document_indices[doc], dataset.document_indices[doc + 1]
-            sequences, left = [], n
-            for sequence in dataset[int(start):int(stop)]:
-                if left <= 0:
-                    break
-                sequences.append(sequence[:left])
-                left -= len(sequences[-1])
-            builders["mixture" if output_format == "indexed" else name].add_document(
-                np.concatenate(sequences), [len(s) for s in sequences])
-            mixed_lengths.append(n)
-            long_tokens += n if all_lengths[name][doc] >= spec.long_threshold else 0
-        for key, builder in builders.items():
-            builder.finalize(staged[get_idx_path(final[key])])
-
-        # "Before" is the same source mix without upsampling: each source's histogram at its weight.
-        per_source = [(p.weight, length_histogram(all_lengths[p.name])) for p in plans]
-        before = {kind: np.sum([w * np.asarray(h[kind]) for w, h in per_source], axis=0).tolist()
-                  for kind in ("documents", "tokens")}
-        after = length_histogram(np.asarray(mixed_lengths))
-        total = sum(p.budget for p in plans)
-        report = {
-            "spec": asdict(spec),
-            "format": output_format,
-            "outputs": final,
-            "total_tokens": total,
-            "sequences": total // spec.sequence_length,
-            # Share of tokens in documents of at least long_threshold tokens: what the upsampling raises.
-            "long_document_token_share": {
-                "source_mix": float(sum(p.weight * all_lengths[p.name][all_lengths[p.name] >= spec.long_threshold]
-                                        .sum() / max(p.tokens, 1) for p in plans)),
-                "mixture": long_tokens / total},
-            "sources": [{k: v for k, v in asdict(p).items() if k != "selection"} | {
-                "selected_documents": len(p.selection), "share": p.budget / total} for p in plans],
-            "histogram": {"bins": bin_labels(), "sources": before, "mixture": after},
-        }
-        if output_format == "blend":
-            report["data_path"] = " ".join(f"{p.budget} {final[p.name]}" for p in plans)
-            with open(staged[extras["data_path"]], "w") as f:
-                f.write(report["data_path"] + "\n")
-        with open(staged[extras["report"]], "w") as f:
-            json.dump(report, f, indent=1)
-        from megatron_harpe.plots import plot_length_histogram
-
-        plot_length_histogram(report["histogram"], report["sources"], staged[extras["picture"]])
+    dtype = _common_dtype(plans, datasets)
+    outputs = MixtureOutputs.of(plans, output_prefix, output_format)
+    all_lengths = {p.name: document_lengths(datasets[p.name]) for p in plans}
+    with atomic_output_files(outputs.files(), force=force) as staged:
+        mixed_lengths = _write_datasets(_document_order(plans, spec.seed), datasets, outputs, staged, dtype,
+                                        progress)
+        report = mixture_report(plans, spec, outputs, all_lengths, mixed_lengths)
+        _write_report(report, outputs, staged)
     return report
 
 
-# --- command line (tools/build_long_context_mix.py) -------------------------------------------------------------
+@dataclass
+class MixtureOutputs:
+    """The files of one mixture: its datasets' prefixes (one, or one per source), the report, the picture and, for
+    a blend, the ``--data-path`` line."""
 
-def _name_value(text: str) -> Tuple[str, str]:
-    if "=" not in text:
-        raise MixtureError(f"{text!r}: expected NAME=VALUE")
-    name, value = text.split("=", 1)
-    return name.strip(), value.strip()
+    format: str
+    datasets: dict[str, str]  # "mixture" or a source's name -> prefix
+    report: str
+    picture: str
+    data_path: str | None = None
 
+    @classmethod
+    def of(cls, plans: list[SourcePlan], output_prefix: str, output_format: str) -> MixtureOutputs:
+        blend = output_format == "blend"
+        datasets = {p.name: f"{output_prefix}_{p.name}" for p in plans} if blend else {"mixture": output_prefix}
+        return cls(output_format, datasets, f"{output_prefix}.mixture.json", f"{output_prefix}.length_histogram.png",
+                   f"{output_prefix}.data_path.txt" if blend else None)
 
-def build_parser():
-    import argparse
+    def dataset_of(self, source: str) -> str:
+        return source if self.format == "blend" else "mixture"
 
-    p = argparse.ArgumentParser(description="Per-source length-upsampled long-context mixture (Fu et al. 2024).")
-    p.add_argument("--source", action="append", required=True, metavar="NAME=PREFIX",
-                   help="a source's indexed dataset (tools/preprocess_data.py output prefix, without .bin); repeat")
-    p.add_argument("--spec", help="JSON file with any of: weights, long_threshold, short_keep_probability, "
-                                  "target_tokens, sequence_length, seed (flags override it)")
-    p.add_argument("--weight", action="append", default=[], metavar="NAME=W",
-                   help="a source's share, replacing only that source's default (SlimPajama's, as Fu et al.); "
-                        "weights are renormalized over the sources given; repeat")
-    p.add_argument("--long-threshold", type=int, help="documents this long (tokens) are all kept (default 4096)")
-    p.add_argument("--short-keep-probability", type=float, help="shorter documents are kept with this (default 0.1)")
-    p.add_argument("--target-tokens", type=float, help="mixture size (default: no kept document repeated)")
-    p.add_argument("--seq-length", type=int, help="training sequence length the size rounds to (default 131072)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--format", choices=["indexed", "blend"], default="indexed",
-                   help="one indexed dataset, or one per source plus a --data-path blend")
-    p.add_argument("--output-prefix", required=True)
-    p.add_argument("--force", action="store_true", help="replace existing outputs")
-    return p
+    def files(self) -> list[str]:
+        from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+        extras = [self.report, self.picture] + ([self.data_path] if self.data_path else [])
+        return [path(prefix) for prefix in self.datasets.values() for path in (get_bin_path, get_idx_path)] + extras
 
 
-def spec_from_args(args) -> MixtureSpec:
-    spec = MixtureSpec.from_json(args.spec) if args.spec else MixtureSpec()
-    spec.weights = with_weights(spec.weights, map(_name_value, args.weight), "--weight")
-    for flag, attr in (("long_threshold", "long_threshold"), ("short_keep_probability", "short_keep_probability"),
-                       ("seq_length", "sequence_length"), ("seed", "seed")):
-        if getattr(args, flag) is not None:
-            setattr(spec, attr, getattr(args, flag))
-    if args.target_tokens is not None:
-        spec.target_tokens = int(args.target_tokens)
-    return spec
+def _common_dtype(plans: list[SourcePlan], datasets: dict[str, object]):
+    dtypes = {datasets[p.name].index.dtype for p in plans}
+    if len(dtypes) > 1:
+        raise MixtureError(f"the sources were tokenized with different vocabularies (dtypes {dtypes}): "
+                           "preprocess them all with the same tokenizer", exit_code=FAILED)
+    return dtypes.pop()
 
 
-def main(argv=None) -> int:
-    import sys
+def _document_order(plans: list[SourcePlan], seed: int) -> list[tuple[str, int, int]]:
+    """One stream of (source, document, tokens) in a seeded interleaved order (GPTDataset shuffles again anyway)."""
+    order = [(p.name, doc, n) for p in plans for doc, n in p.selection]
+    np.random.default_rng(seed).shuffle(order)
+    return order
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # one line per dataset opened otherwise
-    args = build_parser().parse_args(argv)
-    from megatron.core.datasets.indexed_dataset import IndexedDataset  # after parse_args: --help stays light
 
-    try:
-        spec = spec_from_args(args)
-        sources = dict(map(_name_value, args.source))
-        if len(sources) < len(args.source):
-            names = [name for name, _ in map(_name_value, args.source)]
-            raise MixtureError(f"--source {next(n for n in names if names.count(n) > 1)} is given twice: "
-                               "give each source once")
-        check_weighted_sources([name for name, _ in map(_name_value, args.weight)], list(sources))
-        for name, prefix in sources.items():
-            if not IndexedDataset.exists(prefix):
-                raise MixtureError(f"source {name}: no {prefix}.bin/.idx (give the prefix tools/preprocess_data.py "
-                                   "wrote, e.g. data/book_text_document)")
-        # Kept open for the whole run: their arrays are views of memory maps closed when they are deleted.
-        datasets = {canonical_source(n): IndexedDataset(prefix) for n, prefix in sources.items()}
-        plans = plan_mixture(sources, spec, datasets)
-        report = write_mixture(plans, datasets, spec, args.output_prefix, args.format, force=args.force)
-    except (MixtureError, OutputExistsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"{'source':>14} {'weight':>7} {'share':>7} {'docs':>9} {'kept':>9} {'tokens':>13} {'epochs':>7}")
-    for source in report["sources"]:
-        print(f"{source['name']:>14} {source['weight']:7.3f} {source['share']:7.3f} {source['documents']:9d} "
-              f"{source['kept_documents']:9d} {source['budget']:13d} {source['epochs']:7.2f}")
-    print(histogram_table(report["histogram"]["sources"], report["histogram"]["mixture"]))
-    share = report["long_document_token_share"]
-    print(f"tokens in documents >= {spec.long_threshold} tokens: {100 * share['source_mix']:.1f}% of the source mix, "
-          f"{100 * share['mixture']:.1f}% of the upsampled mixture")
-    print(f"{report['total_tokens']} tokens = {report['sequences']} sequences of {spec.sequence_length}; "
-          f"wrote {', '.join(report['outputs'].values())} (+ .mixture.json, .length_histogram.png"
-          + (", .data_path.txt" if args.format == "blend" else "") + ")")
-    return 0
+def _write_datasets(order, datasets: dict[str, object], outputs: MixtureOutputs, staged: dict[str, str], dtype,
+                    progress: bool) -> list[tuple[str, int, int]]:
+    """Copy each selected document (its first ``tokens`` tokens, sentence structure kept); returns what was
+    written, in order."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
+    from tqdm import tqdm
+
+    builders = {key: IndexedDatasetBuilder(staged[get_bin_path(prefix)], dtype=dtype)
+                for key, prefix in outputs.datasets.items()}
+    for name, doc, n in tqdm(order, desc="writing mixture", unit="doc", disable=not progress, mininterval=1.0):
+        dataset = datasets[name]
+        start, stop = dataset.document_indices[doc], dataset.document_indices[doc + 1]
+        sequences, left = [], n
+        for sequence in dataset[int(start):int(stop)]:
+            if left <= 0:
+                break
+            sequences.append(sequence[:left])
+            left -= len(sequences[-1])
+        builders[outputs.dataset_of(name)].add_document(np.concatenate(sequences), [len(s) for s in sequences])
+    for key, builder in builders.items():
+        builder.finalize(staged[get_idx_path(outputs.datasets[key])])
+    return order
+
+
+def mixture_report(plans: list[SourcePlan], spec: MixtureSpec, outputs: MixtureOutputs,
+                   all_lengths: dict[str, np.ndarray], written: list[tuple[str, int, int]]) -> dict:
+    """What the mixture holds against its sources: shares, epochs and the document-length histogram."""
+    mixed_lengths = np.asarray([n for _, _, n in written])
+    long_tokens = sum(n for name, doc, n in written if all_lengths[name][doc] >= spec.long_threshold)
+    # "Before" is the same source mix without upsampling: each source's histogram at its weight.
+    per_source = [(p.weight, length_histogram(all_lengths[p.name])) for p in plans]
+    before = {kind: np.sum([w * np.asarray(h[kind]) for w, h in per_source], axis=0).tolist()
+              for kind in ("documents", "tokens")}
+    total = sum(p.budget for p in plans)
+    report = {
+        "spec": asdict(spec),
+        "format": outputs.format,
+        "outputs": outputs.datasets,
+        "total_tokens": total,
+        "sequences": total // spec.sequence_length,
+        # Share of tokens in documents of at least long_threshold tokens: what the upsampling raises.
+        "long_document_token_share": {
+            "source_mix": float(sum(p.weight * all_lengths[p.name][all_lengths[p.name] >= spec.long_threshold]
+                                    .sum() / max(p.tokens, 1) for p in plans)),
+            "mixture": long_tokens / total},
+        "sources": [{k: v for k, v in asdict(p).items() if k != "selection"} | {
+            "selected_documents": len(p.selection), "share": p.budget / total} for p in plans],
+        "histogram": {"bins": bin_labels(), "sources": before, "mixture": length_histogram(mixed_lengths)},
+    }
+    if outputs.data_path:
+        report["data_path"] = " ".join(f"{p.budget} {outputs.datasets[p.name]}" for p in plans)
+    return report
+
+
+def _write_report(report: dict, outputs: MixtureOutputs, staged: dict[str, str]) -> None:
+    from megatron_harpe.plots import plot_length_histogram
+
+    if outputs.data_path:
+        with open(staged[outputs.data_path], "w") as f:
+            f.write(report["data_path"] + "\n")
+    with open(staged[outputs.report], "w") as f:
+        json.dump(report, f, indent=1)
+    plot_length_histogram(report["histogram"], report["sources"], staged[outputs.picture])
+
+
+def build_mixture(sources: list[tuple[str, str]], weighted: list[str], spec: MixtureSpec, output_prefix: str,
+                  output_format: str = "indexed", force: bool = False) -> dict:
+    """Check the ``(name, prefix)`` sources and the names ``--weight`` gave, open them, plan and write the mixture;
+    returns the report."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    names = [name for name, _ in sources]
+    if len(set(names)) < len(names):
+        raise MixtureError(f"--source {next(n for n in names if names.count(n) > 1)} is given twice: "
+                           "give each source once")
+    prefixes = dict(sources)
+    check_weighted_sources(weighted, names)
+    for name, prefix in prefixes.items():
+        if not IndexedDataset.exists(prefix):
+            raise MixtureError(f"source {name}: no {prefix}.bin/.idx (give the prefix tools/preprocess_data.py "
+                               "wrote, e.g. data/book_text_document)", exit_code=FAILED)
+    # Kept open for the whole run: their arrays are views of memory maps closed when they are deleted.
+    datasets = {canonical_source(n): IndexedDataset(prefix) for n, prefix in prefixes.items()}
+    plans = plan_mixture(prefixes, spec, datasets)
+    return write_mixture(plans, datasets, spec, output_prefix, output_format, force=force)

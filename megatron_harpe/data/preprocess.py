@@ -17,7 +17,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,50 +24,17 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from megatron_harpe.data.inputs import Chunk, InputError, expand_inputs, parse_record, read_chunks
-from megatron_harpe.outputs import OutputExistsError, atomic_output_files
+from megatron_harpe.command import RunError, UsageError
+from megatron_harpe.data.inputs import Chunk, expand_inputs, parse_record, read_chunks
+from megatron_harpe.outputs import atomic_output_files
 
 log = logging.getLogger(__name__)
 
 PUNKT_TRAINING_BYTES = 1 << 20
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(RunError, RuntimeError):
     """Bad input found while tokenizing; nothing was written."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Megatron-LM's ``tools/preprocess_data.py`` flags (its tokenizer flags, mirrored without importing megatron),
-    plus ours."""
-    from megatron_harpe.data.tokenizer import add_megatron_tokenizer_args
-
-    parser = argparse.ArgumentParser(description="Tokenize JSONL (or plain text) into Megatron .bin/.idx datasets.")
-    parser = add_megatron_tokenizer_args(parser)
-    group = parser.add_argument_group(title="input data")
-    group.add_argument("--input", required=True,
-                       help="JSON lines (.jsonl/.json, gzipped too), plain-text files (one document each), a glob "
-                            "or a directory")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize, one dataset each")
-    group.add_argument("--split-sentences", action="store_true", help="one sequence per sentence (nltk punkt)")
-    group.add_argument("--keep-newlines", action="store_true", help="keep newlines between sentences when splitting")
-    group.add_argument("--lang", default="english", help="punkt language when nltk has its data installed")
-    group = parser.add_argument_group(title="tokenization process")
-    group.add_argument("--append-eod", action="store_true", help="append the tokenizer's EOD to every document")
-    group = parser.add_argument_group(title="output data")
-    group.add_argument("--output-prefix", required=True, help="output path without the _{key}_{level}.bin suffix")
-    group.add_argument("--force", action="store_true", help="replace existing output files")
-    group = parser.add_argument_group(title="runtime")
-    group.add_argument("--workers", type=int, default=1,
-                       help="encoding processes (the main one reads and writes); 0 encodes in the main process")
-    group.add_argument("--partitions", type=int, default=1,
-                       help="accepted for Megatron-LM scripts; the input is streamed once whatever its size")
-    group.add_argument("--keep-sequential-samples", action="store_true",
-                       help="accepted for Megatron-LM scripts; input order is always kept")
-    group.add_argument("--log-interval", type=int, default=1000, help="accepted for Megatron-LM scripts (tqdm shows "
-                                                                     "progress)")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="count and skip malformed lines instead of stopping at the first one")
-    return parser
 
 
 # --- the work of one chunk (in a worker process, or in-process with --workers 1) -------------------------------
@@ -160,7 +126,8 @@ def _ordered_map(function, items: Iterable, workers: int) -> Iterator:
     if workers == 0:
         yield from map(function, items)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
         pending = deque()
         for item in items:
             pending.append(pool.apply_async(function, (item,)))
@@ -168,6 +135,12 @@ def _ordered_map(function, items: Iterable, workers: int) -> Iterator:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+        # Workers leave on close's sentinel. Pool.__exit__ would SIGTERM them instead, and a worker that takes the
+        # signal just before it blocks on the task queue's lock runs its Python handler too late: it waits forever.
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()  # after join: nothing left; on an error or a signal: stop the workers
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -210,9 +183,9 @@ def preprocess(args: argparse.Namespace, progress: bool = True) -> PreprocessRes
     from megatron_harpe.data.tokenizer import build_tokenizer, text_encoder, with_preprocessing_defaults
 
     if args.workers < 0:
-        raise InputError(f"--workers {args.workers}: use 1 or more (0 encodes in the main process)")
+        raise UsageError(f"--workers {args.workers}: use 1 or more (0 encodes in the main process)")
     if not args.tokenizer_type:
-        raise InputError("--tokenizer-type is required: SentencePieceTokenizer (or Llama2Tokenizer) with "
+        raise UsageError("--tokenizer-type is required: SentencePieceTokenizer (or Llama2Tokenizer) with "
                          "--tokenizer-model path/to/tokenizer.model, as for Megatron-LM's preprocess_data.py")
     paths = expand_inputs(args.input)
     prefixes = output_prefixes(args.output_prefix, args.json_keys, args.split_sentences)
@@ -286,22 +259,3 @@ def _write_documents(builder, encoded: EncodedKey) -> None:
         token_end = token_start + sum(document_lengths)
         builder.add_document(encoded.tokens[token_start:token_end], document_lengths)
         token_start, sequence_start = token_end, sequence_start + count
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    args = build_parser().parse_args(argv)
-    try:
-        result = preprocess(args)
-    except (InputError, OutputExistsError, PreprocessError, FileNotFoundError, PermissionError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for key, prefix in result.outputs.items():
-        print(f"wrote {prefix}.bin/.idx: {result.documents} documents, {result.sequences[key]} sequences, "
-              f"{result.tokens[key]} tokens")
-    total = sum(result.tokens.values())
-    print(f"{total / max(result.seconds, 1e-9) / 1e6:.2f}M tokens/s ({result.encoder}; {args.workers} worker(s))"
-          + (f"; sentences: {result.splitter}" if result.splitter else "")
-          + (f"; skipped {result.bad_lines} bad line(s)" if result.bad_lines else ""))
-    return 0

@@ -12,7 +12,7 @@ import itertools
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -221,7 +221,7 @@ def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: in
                     needle=needle_text, question=question, answer=answer, filler_text=haystack or filler.paragraph)
 
 
-# --- command line (tools/make_synthetic_corpus.py) --------------------------------------------------------------
+# --- the corpus of harpe-make-synthetic-corpus (megatron_harpe.data.cli) -------------------------------------
 
 def make_corpus(out_dir: str, docs_per_source: int = 200, length_scale: float = 0.25, vocab_size: int = 2000,
                 seed: int = 0, sources=tuple(SOURCE_LENGTHS)) -> dict:
@@ -237,33 +237,3 @@ def make_corpus(out_dir: str, docs_per_source: int = 200, length_scale: float = 
               for line in itertools.islice(open(path, encoding="utf-8"), 50))
     model = train_sentencepiece(sample, os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size)
     return {"sources": paths, "tokenizer_model": model}
-
-
-def main(argv=None) -> int:
-    import argparse
-    import sys
-
-    from megatron_harpe.outputs import OutputExistsError, atomic_output_dir
-
-    p = argparse.ArgumentParser(description="Synthetic per-source corpora (JSONL) and a tiny sentencepiece model, "
-                                            "offline: the embedded default for preprocessing, mixing and training.")
-    p.add_argument("--out", required=True, help="a new directory")
-    p.add_argument("--docs-per-source", type=int, default=200)
-    p.add_argument("--length-scale", type=float, default=0.25, help="scales every source's document lengths")
-    p.add_argument("--vocab-size", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    args = p.parse_args(argv)
-    if args.docs_per_source < 1 or args.length_scale <= 0 or args.vocab_size < 300:
-        print("error: --docs-per-source >= 1, --length-scale > 0 and --vocab-size >= 300 please", file=sys.stderr)
-        return 2
-    try:
-        with atomic_output_dir(args.out, force=args.force) as tmp:
-            made = make_corpus(tmp, args.docs_per_source, args.length_scale, args.vocab_size, args.seed)
-    except OutputExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for source, path in made["sources"].items():
-        print(f"{source:>14}: {os.path.join(args.out, 'sources', os.path.basename(path))}")
-    print(f"tokenizer model: {os.path.join(args.out, 'tokenizer.model')}")
-    return 0

@@ -20,6 +20,8 @@ import re
 from itertools import chain
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
+from megatron_harpe.command import RunError
+
 LLAMA2_LIKE_SPM = dict(
     # Llama-2's tokenizer.model settings that matter for round trips: byte fallback (no <unk> for any
     # character), digits split, whitespace kept as is, <unk>=0 <s>=1 </s>=2, no padding id.
@@ -33,7 +35,7 @@ LLAMA2_LIKE_SPM = dict(
 SENTENCEPIECE_TYPES = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(RunError, ValueError):  # an input that cannot be read: exit 1
     """A tokenizer file that cannot be used; the message names it and says what to give instead."""
 
 

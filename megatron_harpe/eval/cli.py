@@ -1,4 +1,5 @@
-"""The commands behind tools/eval_*.py.
+"""The evaluation commands: ``harpe-eval-niah``, ``harpe-eval-passkey``, ``harpe-eval-perplexity`` and
+``harpe-compare-niah`` (tools/eval_*.py, tools/compare_niah.py).
 
 Only argparse at import, so ``--help`` loads neither torch nor megatron. Outputs already in
 ``--out`` are refused before the model loads (minutes), unless ``--force``; an unfinished grid with the same settings
@@ -9,15 +10,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from typing import List, Optional, Sequence
+from collections.abc import Callable, Sequence
+
+from megatron_harpe.command import UsageError, run_command
+from megatron_harpe.warning_filters import filter_unactionable_warnings
 
 
-def _floats(text: str) -> List[float]:
+def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def _ints(text: str) -> List[int]:
+def _ints(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x]
 
 
@@ -40,14 +43,11 @@ def _common_args(p: argparse.ArgumentParser, out_help: str) -> None:
                         "plain Llama or for tools/convert_megatron_to_hf.py's HARPE export, recognised by its files)")
 
 
-# What a refused run raises: OSError (missing, unreadable or existing files), ValueError (the eval modules' errors:
-# ResultsError, ModelLoadError, bad settings). Each is printed as one line.
-_ERRORS = (OSError, ValueError)
-
-
-def _fail(error: Exception) -> int:
-    print(f"error: {error}", file=sys.stderr)
-    return 1
+def _run(body: Callable[[], None]) -> int:
+    """``body``'s status; besides the CommandErrors (ResultsError, ModelLoadError, OutputError) a failed run raises
+    OSError (a missing or unreadable file) or ValueError (transformers refusing a model folder): one line, exit 1."""
+    filter_unactionable_warnings()  # before the body's imports of torch and transformers
+    return run_command(body, failures=(OSError, ValueError))
 
 
 def _check_out_dir(out: str) -> None:
@@ -69,8 +69,9 @@ def _print_grid(grid, lengths, rows, row_label) -> None:
         print(f"{row_value:>13} " + " ".join(f"{v:7.2f}" for v in row))
 
 
-def eval_niah(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Needle-in-a-Haystack grid (length x depth) on a Hugging Face model.")
+def eval_niah(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Needle-in-a-Haystack grid (length x depth) on a Hugging Face model.",
+                                allow_abbrev=False)
     _common_args(p, "results directory (niah.json, niah.png); an unfinished run resumes")
     p.add_argument("--depths", type=_floats, default=[round(i / 10, 1) for i in range(11)])
     p.add_argument("--suite", choices=["classic", "ruler"], default="classic",
@@ -95,8 +96,10 @@ def eval_niah(argv: Optional[List[str]] = None) -> int:
         p.error("--needle, --question and --answer go together")
     if not args.lengths or not args.depths or any(not 0 <= d <= 1 for d in args.depths):
         p.error("--lengths and --depths need values; depths are fractions in [0, 1]")
-    if args.suite == "ruler":
-        return _eval_ruler(args)
+    return _run(lambda: _eval_ruler(args) if args.suite == "ruler" else _eval_classic(args, custom))
+
+
+def _eval_classic(args, custom: tuple[str | None, str | None, str | None]) -> None:
     from dataclasses import asdict
 
     from megatron_harpe.eval.grid import score_grid, start_results
@@ -106,23 +109,19 @@ def eval_niah(argv: Optional[List[str]] = None) -> int:
                             needle=list(custom) if all(custom) else None, haystack_file=args.haystack_file,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     results_path, png = os.path.join(args.out, "niah.json"), os.path.join(args.out, "niah.png")
-    try:
-        _check_out_dir(args.out)
-        previous = start_results(results_path, asdict(settings), "eval_niah", args.force)
-        replace_picture = args.force or _is_own_picture(png, previous)
-        _refuse_existing([png], replace_picture)
-        from megatron_harpe.eval.model import load_eval_model
-        from megatron_harpe.eval.niah import run_niah
+    _check_out_dir(args.out)
+    previous = start_results(results_path, asdict(settings), "eval_niah", args.force)
+    replace_picture = args.force or _is_own_picture(png, previous)
+    _refuse_existing([png], replace_picture)
+    from megatron_harpe.eval.model import load_eval_model
+    from megatron_harpe.eval.niah import run_niah
 
-        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
-        results = run_niah(model, settings, results_path, force=args.force)
-        grid = score_grid(results, args.lengths, args.depths)
-        _write_heatmap(results, results_path, grid, args, png, replace_picture)
-    except _ERRORS as e:
-        return _fail(e)
+    model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    results = run_niah(model, settings, results_path, force=args.force)
+    grid = score_grid(results, args.lengths, args.depths)
+    _write_heatmap(results, results_path, grid, args, png, replace_picture)
     _print_grid(grid, args.lengths, [f"{100 * d:.0f}%" for d in args.depths], "depth/length")
     print(f"mean score {results['mean_score']:.3f}; wrote {results_path} and {png}")
-    return 0
 
 
 def _sha256(path: str) -> str:
@@ -150,46 +149,46 @@ def _write_heatmap(results: dict, results_path: str, grid, args, png: str, repla
         write_json(results, results_path)
 
 
-def _eval_ruler(args) -> int:
+def _eval_ruler(args) -> None:
     from megatron_harpe.eval.grid import start_results
     from megatron_harpe.eval.ruler import PAPER_TABLE_4, TASKS, results_file, ruler_settings, run_ruler, table
 
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or args.samples < 1:
-        print(f"error: unknown task(s) {unknown} (choose from {', '.join(TASKS)}) or --samples < 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"unknown task(s) {unknown} (choose from {', '.join(TASKS)}) or --samples < 1")
     max_new_tokens = max(args.max_new_tokens, 64)
-    try:
-        _check_out_dir(args.out)
-        for task in tasks:
-            start_results(results_file(args.out, task),
-                          ruler_settings(task, args.lengths, args.samples, max_new_tokens, 0, bool(args.haystack_file)),
-                          "eval_niah --suite ruler", args.force)
-        from megatron_harpe.eval.model import load_eval_model
-        from megatron_harpe.eval.niah import haystack_from_file
+    _check_out_dir(args.out)
+    for task in tasks:
+        start_results(results_file(args.out, task),
+                      ruler_settings(task, args.lengths, args.samples, max_new_tokens, 0, bool(args.haystack_file)),
+                      "eval_niah --suite ruler", args.force)
+    from megatron_harpe.eval.model import load_eval_model
+    from megatron_harpe.eval.niah import haystack_from_file
 
-        haystack = haystack_from_file(args.haystack_file) if args.haystack_file else None
-        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
-        results = run_ruler(model, tasks, args.lengths, args.samples, args.out, max_new_tokens=max_new_tokens,
-                            batch_size=args.batch_size, haystack_text=haystack, force=args.force)
-    except _ERRORS as e:
-        return _fail(e)
+    haystack = haystack_from_file(args.haystack_file) if args.haystack_file else None
+    model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    results = run_ruler(model, tasks, args.lengths, args.samples, args.out, max_new_tokens=max_new_tokens,
+                        batch_size=args.batch_size, haystack_text=haystack, force=args.force)
     rows, grid = table(results, args.lengths)
     _print_grid(grid, args.lengths, rows, "task/length")
     print(f"RULER NIAH average over lengths: {grid[-1].mean():.2f} (paper's Table 4, Llama-2-7B at 4k-128k: "
           + ", ".join(f"{k} {v}" for k, v in PAPER_TABLE_4.items()) + f"); results in {args.out}/ruler_*.json")
-    return 0
 
 
-def eval_passkey(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Passkey retrieval accuracy by context length on a Hugging Face model.")
+def eval_passkey(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Passkey retrieval accuracy by context length on a Hugging Face model.",
+                                allow_abbrev=False)
     _common_args(p, "results directory (passkey.json); an unfinished run resumes")
     p.add_argument("--trials", type=int, default=5, help="pass keys per length, at evenly spaced depths")
     p.add_argument("--batch-size", type=int, default=1)
     args = p.parse_args(argv)
     if args.trials < 1 or not args.lengths:
         p.error("--trials >= 1 and at least one length")
+    return _run(lambda: _eval_passkey(args))
+
+
+def _eval_passkey(args) -> None:
     from dataclasses import asdict
 
     from megatron_harpe.eval.grid import start_results
@@ -197,93 +196,91 @@ def eval_passkey(argv: Optional[List[str]] = None) -> int:
 
     settings = PasskeySettings(lengths=args.lengths, trials=args.trials, batch_size=args.batch_size)
     results_path = os.path.join(args.out, "passkey.json")
-    try:
-        _check_out_dir(args.out)
-        start_results(results_path, asdict(settings), "eval_passkey", args.force)
-        from megatron_harpe.eval.model import load_eval_model
-        from megatron_harpe.eval.niah import run_passkey
+    _check_out_dir(args.out)
+    start_results(results_path, asdict(settings), "eval_passkey", args.force)
+    from megatron_harpe.eval.model import load_eval_model
+    from megatron_harpe.eval.niah import run_passkey
 
-        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
-        results = run_passkey(model, settings, results_path, force=args.force)
-    except _ERRORS as e:
-        return _fail(e)
+    model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    results = run_passkey(model, settings, results_path, force=args.force)
     for length, accuracy in results["mean_by_length"].items():
         print(f"{int(length):>8} tokens: passkey accuracy {accuracy:.2f}")
-    print(f"mean {results['mean_score']:.3f}; wrote {os.path.join(args.out, 'passkey.json')}")
-    return 0
+    print(f"mean {results['mean_score']:.3f}; wrote {results_path}")
 
 
-def eval_perplexity(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Sliding-window perplexity (stride 256) at growing context lengths.")
+def eval_perplexity(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Sliding-window perplexity (stride 256) at growing context lengths.",
+                                allow_abbrev=False)
     _common_args(p, "results directory (perplexity.json)")
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--text-file", help="text to score (default: synthetic filler, 2x the longest length)")
     args = p.parse_args(argv)
     if not args.lengths or args.stride < 1:
         p.error("at least one length, and --stride >= 1")
+    return _run(lambda: _eval_perplexity(args))
+
+
+def _eval_perplexity(args) -> None:
     import json
 
     results_path = os.path.join(args.out, "perplexity.json")
-    try:
-        _check_out_dir(args.out)
-        _refuse_existing([results_path], args.force)
-        from megatron_harpe.data.synthetic import FillerText
-        from megatron_harpe.eval.model import load_eval_model
-        from megatron_harpe.eval.perplexity import sliding_window_perplexity
-        from megatron_harpe.outputs import atomic_output_files
+    _check_out_dir(args.out)
+    _refuse_existing([results_path], args.force)
+    from megatron_harpe.data.synthetic import FillerText
+    from megatron_harpe.eval.model import load_eval_model
+    from megatron_harpe.eval.perplexity import sliding_window_perplexity
+    from megatron_harpe.outputs import atomic_output_files
 
-        model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
-        if args.text_file:
-            with open(args.text_file, encoding="utf-8") as f:
-                ids = model.encode(f.read())
-        else:
-            ids, filler = [], FillerText(seed=0)
-            while len(ids) < 2 * max(args.lengths):
-                ids += model.encode(filler.paragraph())
-        ids = [model.bos_id] + ids
-        table = {str(L): sliding_window_perplexity(model, ids, L, args.stride) for L in args.lengths}
-        with atomic_output_files([results_path], force=args.force, flag="--out") as staged:
-            with open(staged[results_path], "w") as f:
-                json.dump({"stride": args.stride, "tokens": len(ids), "perplexity": table}, f, indent=1)
-    except _ERRORS as e:
-        return _fail(e)
+    model = load_eval_model(args.model, args.device, args.dtype, args.trust_remote_code)
+    if args.text_file:
+        with open(args.text_file, encoding="utf-8") as f:
+            ids = model.encode(f.read())
+    else:
+        ids, filler = [], FillerText(seed=0)
+        while len(ids) < 2 * max(args.lengths):
+            ids += model.encode(filler.paragraph())
+    ids = [model.bos_id] + ids
+    table = {str(L): sliding_window_perplexity(model, ids, L, args.stride) for L in args.lengths}
+    with atomic_output_files([results_path], force=args.force, flag="--out") as staged:
+        with open(staged[results_path], "w") as f:
+            json.dump({"stride": args.stride, "tokens": len(ids), "perplexity": table}, f, indent=1)
     for length, value in table.items():
         print(f"{int(length):>8} tokens of context: perplexity {value:.3f}")
-    print(f"wrote {os.path.join(args.out, 'perplexity.json')} ({len(ids)} tokens scored, stride {args.stride})")
-    return 0
+    print(f"wrote {results_path} ({len(ids)} tokens scored, stride {args.stride})")
 
 
-def compare_niah(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description="Two NIAH results (say HARPE and ABF) side by side, and their difference.")
+def compare_niah(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Two NIAH results (say HARPE and ABF) side by side, and their difference.",
+                                allow_abbrev=False)
     p.add_argument("results", nargs=2, help="two niah.json files from tools/eval_niah.py")
     p.add_argument("--labels", nargs=2, default=["A", "B"])
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
+    return _run(lambda: _compare_niah(args))
+
+
+def _compare_niah(args) -> None:
     import numpy as np
 
-    from megatron_harpe.eval.grid import score_grid
+    from megatron_harpe.eval.grid import ResultsError, score_grid
     from megatron_harpe.outputs import atomic_output_files
     from megatron_harpe.plots import plot_niah_comparison
 
-    try:
-        if os.path.isdir(args.out):
-            raise IsADirectoryError(f"--out {args.out} is a directory: give the PNG file to write")
-        _refuse_existing([args.out], args.force)
-        loaded = [_read_niah_results(path) for path in args.results]
-        axes = [(r["settings"]["lengths"], r["settings"]["depths"]) for r in loaded]
-        if axes[0] != axes[1]:
-            raise ValueError("the two results cover different lengths or depths: evaluate both on the same grid")
-        lengths, depths = axes[0]
-        grids = [score_grid(r, lengths, depths) for r in loaded]
-        with atomic_output_files([args.out], force=args.force, flag="--out") as staged:
-            plot_niah_comparison(grids, args.labels, lengths, depths, staged[args.out])
-    except _ERRORS as e:
-        return _fail(e)
+    if os.path.isdir(args.out):
+        raise IsADirectoryError(f"--out {args.out} is a directory: give the PNG file to write")
+    _refuse_existing([args.out], args.force)
+    loaded = [_read_niah_results(path) for path in args.results]
+    axes = [(r["settings"]["lengths"], r["settings"]["depths"]) for r in loaded]
+    if axes[0] != axes[1]:
+        raise ResultsError("the two results cover different lengths or depths: evaluate both on the same grid")
+    lengths, depths = axes[0]
+    grids = [score_grid(r, lengths, depths) for r in loaded]
+    with atomic_output_files([args.out], force=args.force, flag="--out") as staged:
+        plot_niah_comparison(grids, args.labels, lengths, depths, staged[args.out])
     for label, grid in zip(args.labels, grids):
         print(f"{label}: mean {float(np.nanmean(grid)):.3f}")
     print(f"wrote {args.out}")
-    return 0
 
 
 def _read_niah_results(path: str) -> dict:
@@ -303,35 +300,3 @@ def _read_niah_results(path: str) -> dict:
         raise ResultsError(f"{path}: not a results JSON written by eval_niah (cell {off_grid[0]!r} is off its "
                            f"lengths x depths grid): {hint}")
     return results
-
-
-def plot_harpe_bases(argv: Optional[List[str]] = None) -> int:
-    from megatron_harpe.bases_cli import add_base_source_arguments, bases_from_arguments
-
-    p = argparse.ArgumentParser(description="HARPE bases and their attention waveforms, per head and averaged, "
-                                            "against single-base ABF.")
-    add_base_source_arguments(p, default="the paper's list (paper-llama2-7b)")
-    p.add_argument("--abf-base", type=float, default=5e6, help="the single-base ABF baseline drawn for comparison")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--target-length", type=int, default=131072)
-    p.add_argument("--out", required=True, help="PNG to write")
-    p.add_argument("--force", action="store_true")
-    args = p.parse_args(argv)
-    from megatron_harpe.bases import PAPER_LLAMA2_7B_BASES
-    from megatron_harpe.plots import plot_bases
-
-    try:
-        if os.path.exists(args.out) and not args.force:
-            raise ValueError(f"{args.out} exists: choose another --out or pass --force")
-        bases = bases_from_arguments(args, default_bases="paper-llama2-7b")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from megatron_harpe.outputs import atomic_output_files
-
-    with atomic_output_files([args.out], force=args.force, flag="--out") as staged:
-        plot_bases(bases, staged[args.out], head_dim=args.head_dim, target_length=args.target_length,
-                   single_base=args.abf_base,
-                   compare=PAPER_LLAMA2_7B_BASES if len(bases) == len(PAPER_LLAMA2_7B_BASES) else None)
-    print(f"{len(bases)} bases from {min(bases):.4g} to {max(bases):.4g}; wrote {args.out}")
-    return 0

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from megatron_harpe.command import RunError
+
 if TYPE_CHECKING:  # compare_niah reads results without torch
     from megatron_harpe.eval.model import EvalModel
 
@@ -23,7 +25,7 @@ def cell_key(length: int, coordinate: float) -> str:
     return f"{length}@{coordinate:g}"
 
 
-class ResultsError(ValueError):
+class ResultsError(RunError, ValueError):
     """A results file that cannot be read, resumed or replaced as asked; the message says what to do."""
 
 

@@ -16,12 +16,14 @@ from typing import Callable, Iterator, List, Optional
 
 import torch
 
+from megatron_harpe.command import RunError
+
 # The code files tools/convert_megatron_to_hf.py copies next to a HARPE export.
 HARPE_CODE_FILES = ("configuration_harpe_llama.py", "modeling_harpe_llama.py")
 _PACKAGE_HF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(RunError, ValueError):
     """A model directory that cannot be evaluated as given; the message says what to do."""
 
 

@@ -6,7 +6,8 @@ base per query group. ``positions`` holds one (float32, already interpolated) po
 rank's ``[groups, d_rot/2]`` table. Query head ``j`` uses group ``j // (heads / groups)``.
 
 Implementations: ``torch`` (any device), ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``), and
-``auto`` = Triton on CUDA tensors, torch otherwise. Neither saves more than the positions and the table.
+``auto`` = Triton on CUDA tensors, torch otherwise. Neither saves more than the positions and the table
+(:func:`megatron_harpe.kernels.saved_bytes.saved_bytes` measures what a call saves for backward).
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 
+from megatron_harpe.command import RunError, UsageError, run_command
 from megatron_harpe.planning.launch import format_env, launch_env, megatron_args
 from megatron_harpe.planning.megatron_reference import megatron_estimate
-from megatron_harpe.planning.memory import RECOMPUTE_CHOICES, ROPE_IMPLS
+from megatron_harpe.planning.memory import RECOMPUTE_CHOICES, ROPE_MEMORY
 from megatron_harpe.planning.search import GIB, Hardware, Plan, Request, search
-from megatron_harpe.planning.shapes import PRESETS, resolve_model
+from megatron_harpe.shape import SHAPES, resolve_model
 
 # The recipe's batch (Fu et al. 2024, followed by the paper): about 4M tokens per step.
 TOKENS_PER_STEP = 4 * 1024 * 1024
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="List the parallel layouts (TP, PP, CP, DP) and recompute settings that fit a Llama model at a "
                     "sequence length on N GPUs, with memory per GPU and communication per iteration, best first.",
         allow_abbrev=False)  # --emit must not pass for --emit-env: its failures are told apart before parsing
-    p.add_argument("--model", required=True, help=f"{', '.join(PRESETS)} or a config.json (Hugging Face Llama or "
+    p.add_argument("--model", required=True, help=f"{', '.join(SHAPES)} or a config.json (Hugging Face Llama or "
                                                    "Megatron names: num_layers, hidden_size, ...)")
     p.add_argument("--seq-length", type=int, default=131072)
     p.add_argument("--gpus", type=int, required=True, help="GPUs in all (whole nodes beyond one node)")
@@ -41,9 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optimizer state replicated on every DP rank (the examples use the distributed optimizer)")
     p.add_argument("--baseline", action="store_true", help="plan megatron's single-base RoPE (ABF, PI, YaRN) instead "
                                                            "of HARPE")
-    p.add_argument("--harpe-rope-impl", choices=ROPE_IMPLS, default="kernel",
-                   help="kernel: HARPE's torch/Triton kernels (default); unfused: megatron's unfused RoPE with "
-                        "per-head frequencies (--harpe-rope-impl unfused in training)")
+    p.add_argument("--harpe-rope-impl", choices=tuple(ROPE_MEMORY), default="auto",
+                   help="the trainer's --harpe-rope-impl: auto, torch, triton (HARPE's kernels, one memory model; "
+                        "default auto) or unfused (megatron's unfused RoPE with per-head frequencies)")
     p.add_argument("--headroom", type=float, default=0.10,
                    help="fraction of GPU memory kept free for the CUDA context, NCCL, workspaces, fragmentation")
     p.add_argument("--tflops", type=float, default=400.0, help="achieved bf16 TFLOP/s per GPU (orders layouts)")
@@ -121,7 +122,8 @@ def plan_row(index: int, plan: Plan) -> str:
 def describe(request: Request, hardware: Hardware) -> str:
     s = request.shape
     nodes = max(1, request.gpus // hardware.gpus_per_node)
-    rope = "megatron RoPE (baseline)" if not request.harpe else f"HARPE ({request.rope_impl} RoPE, {s.num_query_groups} bases)"
+    rope = ("megatron RoPE (baseline)" if not request.harpe
+            else f"HARPE ({ROPE_MEMORY[request.rope_impl]} RoPE, {s.num_query_groups} bases)")
     return (f"{s.name}: {s.total_parameters() / 1e9:.2f}B parameters, {s.num_layers} layers, {s.num_attention_heads} "
             f"heads / {s.num_query_groups} query groups; {request.seq_length} tokens; {request.gpus} GPUs ({nodes} node"
             f"{'s' if nodes > 1 else ''}) of {hardware.gpu_memory_gib:g} GiB, {hardware.usable_bytes / GIB:.1f} usable; "
@@ -160,6 +162,9 @@ def wants_env(argv) -> bool:
 
 def main(argv=None) -> int:
     """With --emit-env, a failure also prints ``false``: ``eval`` of an empty output would succeed."""
+    from megatron_harpe.warning_filters import filter_unactionable_warnings
+
+    filter_unactionable_warnings()  # the console script too, not only tools/plan_parallelism.py
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         code = _main(argv)
@@ -174,28 +179,25 @@ def main(argv=None) -> int:
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        request, hardware = request_from(args)
-        plans, skipped = search(request, hardware)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: _plan(args), usage=(ValueError,))  # shape, flag and layout checks raise ValueError
+
+
+def _plan(args) -> None:
+    request, hardware = request_from(args)
+    plans, skipped = search(request, hardware)
     if not plans:
         why = "; ".join(skipped) or ("TP must divide the heads and query groups and stay inside a node, PP the layers, "
                                      "2 x CP the sequence length and TP its CP share")
-        print(f"error: no TP x PP x CP x DP layout of {request.gpus} GPUs is valid here ({why}): change --gpus, "
-              f"--tp/--pp/--cp, --global-batch-size or --seq-length", file=sys.stderr)
-        return 2
+        raise UsageError(f"no TP x PP x CP x DP layout of {request.gpus} GPUs is valid here ({why}): change --gpus, "
+                         f"--tp/--pp/--cp, --global-batch-size or --seq-length")
     fitting = [p for p in plans if p.fits]
     if args.emit_env is not None:
         if not fitting:
-            return _no_fit(plans)
+            raise _no_fit(plans)
         if not 1 <= args.emit_env <= len(fitting):
-            print(f"error: --emit-env {args.emit_env}: {len(fitting)} layouts fit: choose K in 1..{len(fitting)}",
-                  file=sys.stderr)
-            return 2
+            raise UsageError(f"--emit-env {args.emit_env}: {len(fitting)} layouts fit: choose K in 1..{len(fitting)}")
         print(format_env(plan_env(fitting[args.emit_env - 1], request, hardware), request.distributed_optimizer))
-        return 0
+        return
     if args.json:
         shown = plans if args.show_infeasible else fitting
         print(json.dumps({"request": describe(request, hardware), "plans": [
@@ -207,12 +209,10 @@ def _main(argv) -> int:
         for line in skipped:
             print(f"not considered: {line}")
     if not fitting:
-        return _no_fit(plans)
-    return 0
+        raise _no_fit(plans)
 
 
-def _no_fit(plans) -> int:
+def _no_fit(plans) -> RunError:
     closest = min(plans, key=lambda p: p.memory.total)
-    print(f"error: no layout fits (closest: {closest.note}): add GPUs, shorten --seq-length, or lower "
-          f"--micro-batch-size", file=sys.stderr)
-    return 1
+    return RunError(f"no layout fits (closest: {closest.note}): add GPUs, shorten --seq-length, or lower "
+                    f"--micro-batch-size")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from megatron_harpe.planning.memory import BF16, FP32, Layout, stage_parameters
-from megatron_harpe.planning.shapes import ModelShape
+from megatron_harpe.shape import LlamaShape
 
 # Sequence-parallel collectives of one layer (each moves the layer's [s, b, h] activation once):
 # forward 2 all-gathers + 2 reduce-scatters; backward the same plus 2 all-gathers that re-gather the
@@ -46,7 +46,7 @@ def group_spans(layout: Layout) -> dict[str, int]:
             "pp": layout.gpus}
 
 
-def comm_volume(shape: ModelShape, layout: Layout, seq_length: int) -> CommVolume:
+def comm_volume(shape: LlamaShape, layout: Layout, seq_length: int) -> CommVolume:
     tp, cp = layout.tp, layout.cp
     layers = shape.num_layers // layout.pp
     tokens = layout.micro_batch_size * seq_length // cp

@@ -2,34 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
+import argparse
 import os
 import shlex
-import subprocess
-import sys
 
+from megatron_harpe import recipes
+from megatron_harpe.megatron_args import parse_megatron_args
 from megatron_harpe.planning.memory import Layout
-from megatron_harpe.planning.shapes import PRESETS, ModelShape
+from megatron_harpe.shape import SHAPES, LlamaShape
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-LAUNCH_SCRIPT = os.path.join(REPO, "examples", "pretrain_llama2_harpe.sh")
 UNIFORM_HARPE_ARGS = "--harpe-strategy uniform --harpe-base-min 1e6 --harpe-base-max 5e6"
-# examples/pretrain_llama2_harpe.sh's default for the shapes Table 2 does not fit (13B, 70B)
-SEARCH_HARPE_ARGS = "--harpe-strategy peak_valley --harpe-base-min 1e6 --harpe-base-max 5e6 --harpe-stride 30000"
+SEARCH_HARPE_ARGS = " ".join(recipes.SEARCHED_BASES)
 
 
-def shape_flags(shape: ModelShape) -> list[str]:
-    """Megatron-LM flags for a shape that is not one of the examples' presets."""
-    flags = ["--num-layers", shape.num_layers, "--hidden-size", shape.hidden_size, "--ffn-hidden-size",
-             shape.ffn_hidden_size, "--num-attention-heads", shape.num_attention_heads, "--kv-channels",
-             shape.kv_channels]
-    if shape.num_query_groups != shape.num_attention_heads:
-        flags += ["--group-query-attention", "--num-query-groups", shape.num_query_groups]
-    return [str(f) for f in flags]
+def shape_flags(shape: LlamaShape) -> list[str]:
+    """Megatron-LM flags for a shape that is not one of the examples' presets (its head width always said)."""
+    flags = shape.to_megatron_flags()
+    if "--kv-channels" not in flags:  # where to_megatron_flags puts it: right after --num-attention-heads
+        at = flags.index("--num-attention-heads") + 2
+        flags[at:at] = ["--kv-channels", str(shape.kv_channels)]
+    return flags
 
 
-def launch_env(shape: ModelShape, layout: Layout, seq_length: int, global_batch_size: int,
+def launch_env(shape: LlamaShape, layout: Layout, seq_length: int, global_batch_size: int,
                gpus_per_node: int) -> dict[str, str]:
     """The settings of ``examples/pretrain_llama2_*.sh`` that run this layout.
 
@@ -38,7 +33,7 @@ def launch_env(shape: ModelShape, layout: Layout, seq_length: int, global_batch_
     """
     gpus = layout.gpus
     env = {
-        "MODEL": shape.name if shape.name in PRESETS and PRESETS[shape.name] == shape else "7b",
+        "MODEL": shape.name if shape.name in SHAPES and SHAPES[shape.name] == shape else "7b",
         "NNODES": str(max(1, gpus // gpus_per_node)),
         "GPUS_PER_NODE": str(min(gpus, gpus_per_node)),
         "TP": str(layout.tp), "PP": str(layout.pp), "CP": str(layout.cp),
@@ -73,44 +68,21 @@ def format_env(env: dict[str, str], distributed_optimizer: bool = True) -> str:
     return "\n".join(lines)
 
 
-def launch_command(env: dict[str, str], script: str = LAUNCH_SCRIPT) -> list[str]:
-    """The ``pretrain_harpe.py`` arguments the launch script builds for ``env`` (its ``--dry-run``)."""
-    placeholders = dict(DATA_PATH="data/mixture", TOKENIZER_MODEL="tokenizer.model")
-    # The caller parses the command with the trainer's checks itself (megatron_args); the caller's own plan
-    # variables are not this one's.
+def launch_flags(env: dict[str, str]) -> tuple[list[str], int]:
+    """The ``pretrain_harpe.py`` flags ``examples/pretrain_llama2_harpe.sh --dry-run`` prints for ``env`` (the
+    recipe in Python, placeholders for the data), and the job's world size."""
+    # The caller's own plan variables are not this one's.
     inherited = {k: v for k, v in os.environ.items() if k not in (PLAN_MODEL, PLAN_VARS)}
-    full_env = {**inherited, **placeholders, "HARPE_SKIP_CHECK": "1", **env}
-    done = subprocess.run([script, "--dry-run"], env=full_env, capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        raise ValueError(f"{os.path.basename(script)} --dry-run failed: {done.stderr.strip()}")
-    line = next((ln for ln in done.stdout.splitlines() if "pretrain_harpe.py" in ln), None)
-    if line is None:
-        raise ValueError(f"{os.path.basename(script)} --dry-run printed no pretrain_harpe.py command")
-    command = shlex.split(line)
-    return command[next(i for i, a in enumerate(command) if a.endswith("pretrain_harpe.py")) + 1:]
+    full_env = {**inherited, "DATA_PATH": "data/mixture", "TOKENIZER_MODEL": "tokenizer.model", **env}
+    launch = recipes.from_env("harpe", full_env)
+    return launch.flags, launch.settings.world_size
 
 
-def megatron_args(env: dict[str, str], script: str = LAUNCH_SCRIPT):
+def megatron_args(env: dict[str, str]) -> argparse.Namespace:
     """Megatron's parsed and validated arguments for the run ``env`` launches (world size = its GPUs).
 
     Unless ``env`` sets ``HARPE_ARGS``, the bases are a uniform list: they do not change memory or layout, and
     the examples' default peak-valley search (13B, 70B) would take seconds per parse.
     """
-    from megatron_harpe.training.entry import parse_and_validate
-
-    env = {"HARPE_ARGS": UNIFORM_HARPE_ARGS, **env}
-    world = int(env["NNODES"]) * int(env["GPUS_PER_NODE"])
-    saved = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK")}
-    argv = sys.argv
-    os.environ.update(WORLD_SIZE=str(world), RANK="0")
-    command = launch_command(env, script)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):     # validate_args prints every argument
-            return parse_and_validate(command)
-    finally:
-        sys.argv = argv
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    flags, world_size = launch_flags({"HARPE_ARGS": UNIFORM_HARPE_ARGS, **env})
+    return parse_megatron_args(flags, world_size=world_size)

@@ -14,27 +14,21 @@ from __future__ import annotations
 import copy
 
 from megatron_harpe.planning.memory import Layout, MemoryEstimate, estimate_memory
-from megatron_harpe.planning.shapes import ModelShape
+from megatron_harpe.shape import LLAMA2_VOCAB_SIZE, LlamaShape
 
 MIB = 1024 ** 2
 
 
-def megatron_padded_vocab_size(args) -> int:
-    from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
+def run_shape(args) -> LlamaShape:
+    """The model of a parsed run; without ``--vocab-size`` (the tokenizer's, unknown here) Llama-2's 32000."""
+    return LlamaShape.from_megatron_args(args, args.vocab_size or LLAMA2_VOCAB_SIZE, strict=False)
 
-    return vocab_size_with_padding(args.vocab_size or 32000, args, logging_enabled=False)
 
-
-def plan_inputs(args) -> tuple[ModelShape, Layout, int]:
+def plan_inputs(args) -> tuple[LlamaShape, Layout, int]:
     """Shape, layout and sequence length of a parsed Megatron-LM run (``pretrain_harpe.py``'s arguments)."""
     if args.virtual_pipeline_model_parallel_size is not None:
         raise ValueError("the planner models the non-interleaved 1F1B schedule; drop the virtual pipeline flags")
-    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
-    shape = ModelShape(name="args", num_layers=args.num_layers, hidden_size=args.hidden_size,
-                       num_attention_heads=args.num_attention_heads, num_query_groups=groups,
-                       ffn_hidden_size=args.ffn_hidden_size, vocab_size=args.vocab_size or 32000,
-                       kv_channels=args.kv_channels, gated=args.swiglu,
-                       tied_embeddings=not args.untie_embeddings_and_output_weights)
+    shape = run_shape(args)
     recompute, layers = "none", 0
     if args.recompute_granularity == "full":
         if args.recompute_method == "block":
@@ -57,7 +51,8 @@ def megatron_estimate(args, num_microbatches: int) -> tuple[float, float]:
     from megatron.training import theoretical_memory_usage as tmu
 
     args = copy.deepcopy(args)
-    args.padded_vocab_size = megatron_padded_vocab_size(args)
+    args.padded_vocab_size = run_shape(args).padded_vocab_size(args.tensor_model_parallel_size,
+                                                              args.make_vocab_size_divisible_by)
     weights_and_optimizer = tmu.compute_weight_and_optimizer_memory(args)
     if args.sequence_parallel and args.recompute_granularity == "selective":
         activations = tmu.compute_activation_memory(args, num_microbatches=num_microbatches)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from megatron_harpe.planning.shapes import ModelShape
+from megatron_harpe.shape import LlamaShape
 
 BF16, FP32, INT64 = 2, 4, 8
 RECOMPUTE_CHOICES = ("none", "block", "full")
-ROPE_IMPLS = ("kernel", "unfused")
+# The trainer's --harpe-rope-impl values (rotary.ROPE_IMPLS, which imports torch) -> the memory each
+# holds: HARPE's torch and Triton kernels save the same tensors.
+ROPE_MEMORY = {"auto": "kernel", "torch": "kernel", "triton": "kernel", "unfused": "unfused"}
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,7 @@ class MemoryEstimate:
         return {**asdict(self), "total": self.total}
 
 
-def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> float:
+def stage_parameters(shape: LlamaShape, tp: int, pp: int, stage: int) -> float:
     """Parameters one GPU of pipeline stage ``stage`` holds (TP-sharded ones divided by ``tp``)."""
     layers = shape.num_layers // pp
     sharded = layers * shape.layer_sharded_parameters()
@@ -85,7 +87,7 @@ def stage_parameters(shape: ModelShape, tp: int, pp: int, stage: int) -> float:
     return sharded / tp + replicated
 
 
-def layer_activation_bytes(shape: ModelShape, tokens: int, tp: int) -> float:
+def layer_activation_bytes(shape: LlamaShape, tokens: int, tp: int) -> float:
     """What one transformer layer saves for backward for ``tokens`` local tokens (micro-batch x seq / cp).
 
     Under sequence parallelism every saved tensor is split over the TP ranks (layer-norm inputs along the
@@ -107,12 +109,12 @@ def layer_activation_bytes(shape: ModelShape, tokens: int, tp: int) -> float:
     return tokens * per_token / tp
 
 
-def layer_input_bytes(shape: ModelShape, tokens: int, tp: int) -> float:
+def layer_input_bytes(shape: LlamaShape, tokens: int, tp: int) -> float:
     """What a fully recomputed layer keeps: its input (split over TP by sequence parallelism)."""
     return tokens * BF16 * shape.hidden_size / tp
 
 
-def backward_workspace_bytes(shape: ModelShape, tokens: int, layout: Layout) -> float:
+def backward_workspace_bytes(shape: LlamaShape, tokens: int, layout: Layout) -> float:
     """Transient memory while one layer runs backward (beyond what is saved)."""
     h, tp = shape.hidden_size, layout.tp
     workspace = (
@@ -129,7 +131,7 @@ def backward_workspace_bytes(shape: ModelShape, tokens: int, layout: Layout) -> 
     return workspace
 
 
-def logits_bytes(shape: ModelShape, tokens: int, tp: int) -> float:
+def logits_bytes(shape: LlamaShape, tokens: int, tp: int) -> float:
     """Output layer and vocabulary-parallel cross entropy on the last stage, at their peak.
 
     The bf16 logits and their fp32 copy coexist in forward (the fp32 softmax is kept for backward); backward
@@ -139,8 +141,8 @@ def logits_bytes(shape: ModelShape, tokens: int, tp: int) -> float:
     return tokens * ((BF16 + FP32) * vocab + 2 * BF16 * shape.hidden_size) / tp
 
 
-def rope_bytes(shape: ModelShape, layout: Layout, seq_length: int, layers_storing: int, *, harpe: bool,
-               rope_impl: str = "kernel") -> float:
+def rope_bytes(shape: LlamaShape, layout: Layout, seq_length: int, layers_storing: int, *, harpe: bool,
+               rope_impl: str = "auto") -> float:
     """RoPE's memory on one GPU of a stage where ``layers_storing`` layers keep their activations.
 
     megatron's RotaryEmbedding (fused RoPE) keeps one fp32 frequency row per position, shared by all heads and
@@ -153,18 +155,18 @@ def rope_bytes(shape: ModelShape, layout: Layout, seq_length: int, layers_storin
     if not harpe:
         return FP32 * seq_local * d
     groups_local = shape.num_query_groups // layout.tp
-    if rope_impl == "kernel":
+    if rope_impl not in ROPE_MEMORY:
+        raise ValueError(f"rope_impl {rope_impl!r}: choose one of {', '.join(ROPE_MEMORY)}")
+    if ROPE_MEMORY[rope_impl] == "kernel":
         return FP32 * seq_local + FP32 * groups_local * d // 2
-    if rope_impl != "unfused":
-        raise ValueError(f"rope_impl {rope_impl!r}: choose one of {ROPE_IMPLS}")
     heads_and_groups = shape.num_attention_heads // layout.tp + groups_local
     table = FP32 * seq_local * heads_and_groups * d
     saved_per_layer = 2 * BF16 * seq_local * heads_and_groups * d      # cos and sin for q and k
     return table + saved_per_layer * (layers_storing + (1 if layout.recompute != "none" else 0))
 
 
-def estimate_memory(shape: ModelShape, layout: Layout, seq_length: int, *, harpe: bool = True,
-                    rope_impl: str = "kernel") -> MemoryEstimate:
+def estimate_memory(shape: LlamaShape, layout: Layout, seq_length: int, *, harpe: bool = True,
+                    rope_impl: str = "auto") -> MemoryEstimate:
     """The memory of the most loaded GPU (the first or the last pipeline stage)."""
     stages = sorted({0, layout.pp - 1})
     return max((_stage_memory(shape, layout, seq_length, stage, harpe, rope_impl) for stage in stages),

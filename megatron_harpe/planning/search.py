@@ -11,11 +11,11 @@ the DP reduce-scatter / all-gather hides behind one micro-batch's backward and f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator
 
 from megatron_harpe.planning.communication import CommVolume, comm_volume, group_spans
 from megatron_harpe.planning.memory import Layout, MemoryEstimate, estimate_memory
-from megatron_harpe.planning.shapes import ModelShape
+from megatron_harpe.shape import LlamaShape
 
 GIB = 1024 ** 3
 
@@ -49,16 +49,16 @@ class Plan:
 
 @dataclass(frozen=True)
 class Request:
-    shape: ModelShape
+    shape: LlamaShape
     seq_length: int
     gpus: int
     micro_batch_size: int
     global_batch_size: int
     harpe: bool = True
-    rope_impl: str = "kernel"
+    rope_impl: str = "auto"     # the trainer's --harpe-rope-impl
     distributed_optimizer: bool = True
     recompute: str = "auto"          # auto (least that fits) | none | block | full
-    recompute_layers: Optional[int] = None
+    recompute_layers: int | None = None
     fixed: dict = field(default_factory=dict)   # {"tp": 8, ...}: only layouts with these sizes
 
 
@@ -66,7 +66,7 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def model_flops_per_token(shape: ModelShape, seq_length: int, tp: int = 1) -> tuple[float, float]:
+def model_flops_per_token(shape: LlamaShape, seq_length: int, tp: int = 1) -> tuple[float, float]:
     """(forward FLOPs of the transformer layers, of the output layer) per token; causal attention counts half."""
     layers = shape.num_layers * (2 * shape.layer_sharded_parameters() + 2 * seq_length * shape.query_width)
     return layers, 2 * shape.padded_vocab_size(tp) * shape.hidden_size

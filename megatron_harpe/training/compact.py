@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
-from datetime import timedelta
-from typing import Callable, Optional
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -29,11 +28,11 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.rerun_state_machine import get_rerun_state_machine
 
 from megatron_harpe.arguments import HarpeArgumentError
-from megatron_harpe.cpu_compat import megatron_on_cpu
-from megatron_harpe.distributed import free_port, init_model_parallel
+from megatron_harpe.cpu_compat import megatron_on_cpu, prepare_args_for_cpu
+from megatron_harpe.distributed import init_from_environment
 from megatron_harpe.training.data import train_valid_test_datasets_provider
 from megatron_harpe.training.forward_step import forward_step
-from megatron_harpe.training.model_provider import build_model
+from megatron_harpe.model_from_args import build_model
 
 
 class UnsupportedFlagError(HarpeArgumentError):
@@ -79,34 +78,6 @@ def check_compact_args(args: argparse.Namespace) -> None:
     if problems:
         raise UnsupportedFlagError(
             "the compact engine does not support these flags:\n  " + "\n  ".join(problems))
-
-
-def prepare_args_for_cpu(args: argparse.Namespace) -> None:
-    """CPU settings for flags whose Megatron defaults assume CUDA (fusions, initialisation, backend)."""
-    args.use_cpu_initialization = True
-    args.distributed_backend = "gloo"
-    for flag in ("gradient_accumulation_fusion", "bias_gelu_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
-                 "masked_softmax_fusion", "apply_rope_fusion", "cross_entropy_loss_fusion"):
-        setattr(args, flag, False)
-    args.no_persist_layer_norm = True
-    args.transformer_impl = "local"
-
-
-def init_distributed(args: argparse.Namespace) -> None:
-    """torchrun's environment when present, else one process on a free loopback port."""
-    if torch.distributed.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    torch.distributed.init_process_group(
-        backend=args.distributed_backend, rank=args.rank, world_size=args.world_size,
-        timeout=timedelta(minutes=args.distributed_timeout_minutes))
-    init_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        args.context_parallel_size)
 
 
 def _set_seed(args: argparse.Namespace) -> None:
@@ -181,7 +152,7 @@ def _reduce_losses(losses_reduced: list[dict]) -> dict[str, float]:
 class MetricsLog:
     """One JSON line per logged iteration, written by the last rank (``--harpe-metrics-file``)."""
 
-    def __init__(self, path: Optional[str]):
+    def __init__(self, path: str | None):
         self.path = path if path and torch.distributed.get_rank() == torch.distributed.get_world_size() - 1 else None
 
     def write(self, record: dict) -> None:
@@ -190,104 +161,161 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+@dataclass
+class _Run:
+    """What the step loop works with, once set up."""
+
+    args: argparse.Namespace
+    model: list
+    optimizer: object
+    scheduler: object
+    train_iter: object
+    valid_iter: object
+    step_func: Callable
+    forward_backward: Callable
+    metrics: MetricsLog
+
+    def save(self, iteration: int) -> None:
+        from megatron.training.checkpointing import save_checkpoint
+
+        save_checkpoint(iteration, self.model, self.optimizer, self.scheduler,
+                        self.args.num_floating_point_operations_so_far, checkpointing_context={})
+
+
 def train(args: argparse.Namespace, datasets_provider: Callable = train_valid_test_datasets_provider,
           step_func: Callable = forward_step) -> dict:
     """Run the compact engine with parsed and validated Megatron ``args``; returns the last iteration's metrics."""
-    from megatron.training.checkpointing import load_checkpoint, save_checkpoint
-    from megatron.training.global_vars import set_global_variables
-    from megatron.training.training import build_train_valid_test_data_iterators
-    from megatron.training.utils import print_rank_0, print_rank_last
+    _prepare(args)
+    with megatron_on_cpu():
+        run = _set_up(args, datasets_provider, step_func)
+        last = _train_loop(run)
+    torch.distributed.barrier()
+    return last
 
-    from megatron_harpe.training.entry import load_or_raise
 
-    load_checkpoint = load_or_raise(load_checkpoint)  # a failed load is megatron's bare sys.exit(): status 0
+def _prepare(args: argparse.Namespace) -> None:
+    """Refuse what the engine cannot do, fit the flags to the machine, join the job's process group."""
     check_compact_args(args)
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
+    if not torch.cuda.is_available():
         prepare_args_for_cpu(args)
     if args.eval_interval is None:  # megatron's sample counts need it; evaluate once, at the end
         args.eval_interval = args.train_iters
-    init_distributed(args)
+    init_from_environment(args)
+
+
+def _set_up(args: argparse.Namespace, datasets_provider: Callable, step_func: Callable) -> _Run:
+    """megatron.training's set-up in its order: seed, globals, rerun state machine, model and optimizer, the
+    checkpoint to resume from, the data iterators."""
+    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.global_vars import set_global_variables
+    from megatron.training.training import build_train_valid_test_data_iterators
+    from megatron.training.utils import print_rank_0
+
+    from megatron_harpe.training.entry import load_or_raise
+
     metrics = MetricsLog(getattr(args, "harpe_metrics_file", None))
+    _set_seed(args)
+    set_global_variables(args, build_tokenizer=True)
+    _init_rerun_state_machine(args)
+    model, optimizer, scheduler, _ = _build(args)
+    args.iteration, args.num_floating_point_operations_so_far = 0, 0
+    if args.load is not None or args.pretrained_checkpoint is not None:
+        # a failed load is megatron's bare sys.exit(): status 0
+        args.iteration, args.num_floating_point_operations_so_far = load_or_raise(load_checkpoint)(
+            model, optimizer, scheduler)
+    print_rank_0(f"compact engine: {args.world_size} rank(s) (TP {args.tensor_model_parallel_size}, "
+                 f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, "
+                 f"DP {args.data_parallel_size}) on {'CUDA' if torch.cuda.is_available() else 'CPU/gloo'}, "
+                 f"starting at iteration {args.iteration}")
+    get_rerun_state_machine().current_iteration = args.iteration  # as megatron's train() after a load
+    train_iter, valid_iter, _ = build_train_valid_test_data_iterators(datasets_provider)
+    if isinstance(valid_iter, list):  # TP ranks > 0 hold no iterator but take part through broadcasts
+        valid_iter = valid_iter[0] if valid_iter else None
+    return _Run(args, model, optimizer, scheduler, train_iter, valid_iter, step_func, get_forward_backward_func(),
+                metrics)
+
+
+def _train_loop(run: _Run) -> dict:
+    """megatron's train(): step, log, evaluate and save at their intervals, until --train-iters or --exit-interval."""
+    from megatron.training.utils import print_rank_0
+
+    args = run.args
     last = {}
-    with megatron_on_cpu():
-        _set_seed(args)
-        set_global_variables(args, build_tokenizer=True)
-        _init_rerun_state_machine(args)
-        model, optimizer, scheduler, config = _build(args)
-        args.iteration, args.num_floating_point_operations_so_far = 0, 0
-        if args.load is not None or args.pretrained_checkpoint is not None:
-            args.iteration, args.num_floating_point_operations_so_far = load_checkpoint(model, optimizer, scheduler)
-        print_rank_0(f"compact engine: {args.world_size} rank(s) (TP {args.tensor_model_parallel_size}, "
-                     f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, "
-                     f"DP {args.data_parallel_size}) on {'CPU/gloo' if on_cpu else 'CUDA'}, starting at iteration "
-                     f"{args.iteration}")
-        rerun_state_machine = get_rerun_state_machine()
-        rerun_state_machine.current_iteration = args.iteration  # as megatron's train() after a load
-        train_iter, valid_iter, _ = build_train_valid_test_data_iterators(datasets_provider)
-        if isinstance(valid_iter, list):  # TP ranks > 0 hold no iterator but take part through broadcasts
-            valid_iter = valid_iter[0] if valid_iter else None
-        forward_backward = get_forward_backward_func()
+    window_start, window_tokens = time.time(), 0
+    saved_at = None
+    while args.iteration < args.train_iters:
+        losses, grad_norm = _train_step(run)
         iteration = args.iteration
-        window_start, window_tokens = time.time(), 0
-        saved_at = None
-        while iteration < args.train_iters:
-            # megatron's train_step: the state machine re-runs a step whose result it rejected (--rerun-mode).
-            while rerun_state_machine.should_run_forward_backward(train_iter):
-                for chunk in model:
-                    chunk.zero_grad_buffer()
-                optimizer.zero_grad()
-                losses = forward_backward(
-                    forward_step_func=step_func, data_iterator=train_iter, model=model,
-                    num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size, decoder_seq_length=args.decoder_seq_length,
-                    forward_only=False)
-            should_checkpoint, should_exit, exit_code = rerun_state_machine.should_checkpoint_and_exit()
-            if should_exit:
-                if should_checkpoint and args.save:
-                    save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
-                                    checkpointing_context={})
-                print_rank_0(f"exiting at iteration {iteration} with exit status {exit_code}: the rerun state "
-                             "machine rejected a result (--rerun-mode)")
-                raise SystemExit(exit_code)
-            update_ok, grad_norm, _ = optimizer.step()
-            if update_ok:
-                scheduler.step(increment=args.global_batch_size)
-            iteration += 1
-            args.iteration = iteration
-            args.consumed_train_samples += args.global_batch_size
-            window_tokens += args.global_batch_size * args.seq_length
-            reduced = _reduce_losses(losses) if parallel_state.is_pipeline_last_stage() else {}
-            # A NaN/Inf loss already stopped the step in loss_func (megatron's rerun state machine), unless
-            # --no-check-for-nan-in-loss-and-grad asked to go on, as megatron.training does.
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                elapsed = time.time() - window_start
-                last = {"iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), **reduced}
-                print_rank_last(
-                    f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: "
-                    f"{args.consumed_train_samples:10d} | learning rate: {last['lr']:.6E} | "
-                    + "".join(f"{k}: {v:.6E} | " for k, v in reduced.items())
-                    + f"grad norm: {last['grad_norm'] or 0:.3f} | tokens/s: {last['tokens_per_s']:.1f}")
-                metrics.write(last)
-                window_start, window_tokens = time.time(), 0
-            if args.do_valid and args.eval_iters and iteration % args.eval_interval == 0:
-                evaluate(args, model, valid_iter, step_func, forward_backward, get_num_microbatches(), iteration, metrics)
-            exiting = bool(args.exit_interval and iteration % args.exit_interval == 0)
-            if args.save and ((args.save_interval and iteration % args.save_interval == 0)
-                              or exiting or iteration == args.train_iters):
-                save_checkpoint(iteration, model, optimizer, scheduler, args.num_floating_point_operations_so_far,
-                                checkpointing_context={})
-                saved_at = iteration
-                window_start = time.time()  # throughput excludes checkpoint time
-            if exiting:
-                print_rank_0(f"exiting at iteration {iteration} (--exit-interval)")
-                break
-        if saved_at is not None:
-            print_rank_0(f"checkpoint at iteration {saved_at} in {args.save}")
-    torch.distributed.barrier()
+        window_tokens += args.global_batch_size * args.seq_length
+        reduced = _reduce_losses(losses) if parallel_state.is_pipeline_last_stage() else {}
+        # A NaN/Inf loss already stopped the step in loss_func (megatron's rerun state machine), unless
+        # --no-check-for-nan-in-loss-and-grad asked to go on, as megatron.training does.
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            last = _log(run, grad_norm, reduced, tokens_per_s=window_tokens / max(time.time() - window_start, 1e-9))
+            window_start, window_tokens = time.time(), 0
+        if args.do_valid and args.eval_iters and iteration % args.eval_interval == 0:
+            evaluate(args, run.model, run.valid_iter, run.step_func, run.forward_backward, get_num_microbatches(),
+                     iteration, run.metrics)
+        exiting = bool(args.exit_interval and iteration % args.exit_interval == 0)
+        if args.save and ((args.save_interval and iteration % args.save_interval == 0)
+                          or exiting or iteration == args.train_iters):
+            run.save(iteration)
+            saved_at = iteration
+            window_start = time.time()  # throughput excludes checkpoint time
+        if exiting:
+            print_rank_0(f"exiting at iteration {iteration} (--exit-interval)")
+            break
+    if saved_at is not None:
+        print_rank_0(f"checkpoint at iteration {saved_at} in {args.save}")
     return last
+
+
+def _train_step(run: _Run):
+    """megatron's train_step: forward-backward (re-run while the rerun state machine rejects the result), then
+    the optimizer and LR steps; ``(losses, grad norm)``. Advances ``args.iteration`` and the sample count."""
+    from megatron.training.utils import print_rank_0
+
+    args = run.args
+    rerun_state_machine = get_rerun_state_machine()
+    while rerun_state_machine.should_run_forward_backward(run.train_iter):
+        for chunk in run.model:
+            chunk.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        losses = run.forward_backward(
+            forward_step_func=run.step_func, data_iterator=run.train_iter, model=run.model,
+            num_microbatches=get_num_microbatches(), seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size, decoder_seq_length=args.decoder_seq_length,
+            forward_only=False)
+    should_checkpoint, should_exit, exit_code = rerun_state_machine.should_checkpoint_and_exit()
+    if should_exit:
+        if should_checkpoint and args.save:
+            run.save(args.iteration)
+        print_rank_0(f"exiting at iteration {args.iteration} with exit status {exit_code}: the rerun state "
+                     "machine rejected a result (--rerun-mode)")
+        raise SystemExit(exit_code)
+    update_ok, grad_norm, _ = run.optimizer.step()
+    if update_ok:
+        run.scheduler.step(increment=args.global_batch_size)
+    args.iteration += 1
+    args.consumed_train_samples += args.global_batch_size
+    return losses, grad_norm
+
+
+def _log(run: _Run, grad_norm, reduced: dict[str, float], tokens_per_s: float) -> dict:
+    """Megatron's log line for the iteration just done, and its metrics record."""
+    from megatron.training.utils import print_rank_last
+
+    args = run.args
+    record = {"iteration": args.iteration, "lr": run.optimizer.param_groups[0]["lr"],
+              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+              "tokens_per_s": tokens_per_s, **reduced}
+    print_rank_last(
+        f" iteration {args.iteration:8d}/{args.train_iters:8d} | consumed samples: "
+        f"{args.consumed_train_samples:10d} | learning rate: {record['lr']:.6E} | "
+        + "".join(f"{k}: {v:.6E} | " for k, v in reduced.items())
+        + f"grad norm: {record['grad_norm'] or 0:.3f} | tokens/s: {record['tokens_per_s']:.1f}")
+    run.metrics.write(record)
+    return record
 
 
 def evaluate(args, model, valid_iter, step_func, forward_backward, num_microbatches, iteration, metrics) -> None:

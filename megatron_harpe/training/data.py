@@ -5,7 +5,8 @@ Indexed datasets (``--data-path`` / ``--train-data-path`` ...) or ``--mock-data`
 on tensor-parallel rank 0, reduced to megatron's batch keys, broadcast over the TP group, flattened for packed
 sequences (``--dataloader-inter-document-masking``) and sliced for this context-parallel rank, all by
 megatron-core's own helpers. Flags ``pretrain_gpt.py`` serves with another dataset or model path (SFT, FIM,
-hybrid context parallelism, multi-token prediction, cached-logit distillation) are refused up front.
+hybrid context parallelism, multi-token prediction, cached-logit distillation) are refused up front, by the parse
+(:func:`megatron_harpe.megatron_args.unsupported_data_flags`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 from functools import partial
-from typing import Optional
 
 import torch
 
@@ -28,32 +28,6 @@ from megatron.core.utils import flatten_batch_for_packed_sequences, get_batch_on
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask",
               "cu_seqlens", "cu_seqlens_padded", "max_seqlen", "local_cp_size", "hybrid_cp_group")
 PACKED_KEYS = ("cu_seqlens", "cu_seqlens_padded", "max_seqlen")
-
-
-def unsupported_data_flags(args: argparse.Namespace) -> list[str]:
-    """``flag: what to do`` for every flag ``pretrain_gpt.py`` honours through a path this package does not have."""
-    problems = []
-
-    def refuse(condition, flag, what_to_do):
-        if condition:
-            problems.append(f"{flag}: {what_to_do}")
-
-    refuse(getattr(args, "sft", False), "--sft", "SFT datasets are not part of HARPE continual pretraining; "
-           "use Megatron-LM's pretrain_gpt.py")
-    refuse(getattr(args, "fim_data", False), "--fim-data", "fill-in-the-middle data is not part of HARPE continual "
-           "pretraining; drop it")
-    refuse(getattr(args, "hybrid_context_parallel", False), "--hybrid-context-parallel",
-           "HARPE positions follow Megatron's fixed CP layout; use --context-parallel-size")
-    refuse(getattr(args, "mtp_num_layers", None), "--mtp-num-layers", "multi-token prediction is not part of "
-           "Llama-2; drop it")
-    refuse(getattr(args, "logits_load_dir", None), "--logits-load-dir", "cached-logit distillation is not "
-           "supported; drop it")
-    refuse(getattr(args, "dataloader_inter_document_masking", False) and args.context_parallel_size > 1,
-           "--dataloader-inter-document-masking with --context-parallel-size > 1",
-           "megatron-core 0.19 splits such batches over CP ranks per sequence (use_per_sequence_balancing) while "
-           "THD RoPE, megatron's and HARPE's, splits every document into 2*CP chunks, so positions would not match "
-           "the tokens; use --context-parallel-size 1 or drop the flag")
-    return problems
 
 
 def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer) -> GPTDatasetConfig:
@@ -95,13 +69,13 @@ def gpt_dataset_config_from_args(args: argparse.Namespace, tokenizer) -> GPTData
     )
 
 
-def _stages(vp_stage: Optional[int]) -> tuple[bool, bool]:
+def _stages(vp_stage: int | None) -> tuple[bool, bool]:
     ignore_virtual = vp_stage is None
     return (parallel_state.is_pipeline_first_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage),
             parallel_state.is_pipeline_last_stage(ignore_virtual=ignore_virtual, vp_stage=vp_stage))
 
 
-def _is_dataset_built_on_rank(vp_stage: Optional[int] = None, packed: bool = False) -> bool:
+def _is_dataset_built_on_rank(vp_stage: int | None = None, packed: bool = False) -> bool:
     # Stages that read tokens or labels need data, and with packed sequences every stage needs cu_seqlens
     # (pretrain_gpt.py's is_packed_sequence); TP ranks > 0 receive it by broadcast.
     if parallel_state.get_tensor_model_parallel_rank() != 0:
@@ -109,7 +83,7 @@ def _is_dataset_built_on_rank(vp_stage: Optional[int] = None, packed: bool = Fal
     return packed or any(_stages(vp_stage))
 
 
-def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Optional[int] = None):
+def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: int | None = None):
     """``megatron.training.pretrain``'s dataset provider (also used by the compact engine)."""
     from megatron.training import get_args, get_tokenizer
 
@@ -123,7 +97,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples, vp_stage: Opt
 train_valid_test_datasets_provider.is_distributed = True
 
 
-def get_batch(data_iterator, args: argparse.Namespace, vp_stage: Optional[int] = None) -> dict:
+def get_batch(data_iterator, args: argparse.Namespace, vp_stage: int | None = None) -> dict:
     """This rank's micro-batch as ``pretrain_gpt.py``'s ``get_batch``: a dict over :data:`BATCH_KEYS`."""
     first, last = _stages(vp_stage)
     packed = args.dataloader_inter_document_masking
@@ -159,7 +133,7 @@ def get_batch(data_iterator, args: argparse.Namespace, vp_stage: Optional[int] =
                                      use_per_sequence_balancing=packed)
 
 
-def packed_seq_params_from_batch(batch: dict, seq_length: int) -> Optional[PackedSeqParams]:
+def packed_seq_params_from_batch(batch: dict, seq_length: int) -> PackedSeqParams | None:
     """``pretrain_gpt.py``'s THD parameters for a batch with ``cu_seqlens`` (``None`` otherwise)."""
     if batch.get("cu_seqlens") is None:
         return None

@@ -2,113 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import logging
-import os
 import sys
-import traceback
 
 import torch
 
-from megatron_harpe.arguments import (HarpeArgumentError, add_harpe_args, check_parallel_layout, harpe_enabled,
-                                      is_rank_zero, one_line_errors, resolve_harpe_args)
+from megatron_harpe.arguments import HarpeArgumentError, is_rank_zero
+from megatron_harpe.command import CommandError, RunError
+from megatron_harpe.megatron_args import parse_megatron_args
 from megatron_harpe.model import have_te
-from megatron_harpe.training.model_provider import layer_impl
+from megatron_harpe.model_from_args import layer_impl
 
 logger = logging.getLogger(__name__)
-
-
-def parse_and_validate(argv: list[str] | None = None):
-    """Megatron's ``parse_and_validate_args`` with the HARPE group (without its global set-up), then HARPE's checks.
-
-    As megatron: ``--use-checkpoint-args`` fills the model flags from ``--pretrained-checkpoint`` and ``--load``
-    before ``validate_args``; for HARPE it also takes the bases a checkpoint was trained with. The layout and the
-    HARPE bases are checked before ``validate_args``, which ends by printing every argument: an error comes first.
-    A wrong flag exits 2 with one line (megatron's parser would print its whole usage).
-    """
-    from megatron.training import arguments as megatron_arguments
-
-    from megatron_harpe.training.data import unsupported_data_flags
-
-    flags = sys.argv[1:] if argv is None else list(argv)
-    if any(f == "--yaml-cfg" or f.startswith("--yaml-cfg=") for f in flags):
-        # parse_args would swap the parsed flags, --harpe-* included, for a nested namespace nothing here reads.
-        raise HarpeArgumentError("--yaml-cfg (Megatron's experimental YAML arguments) ignores every command-line "
-                                 "flag, the --harpe-* ones included: pass the flags on the command line")
-    saved_argv = sys.argv
-    sys.argv = [sys.argv[0], *flags]
-    try:
-        args = megatron_arguments.parse_args(extra_args_provider=lambda p: one_line_errors(add_harpe_args(p)))
-    finally:
-        sys.argv = saved_argv
-    if args.use_checkpoint_args:
-        _args_from_checkpoint(args)
-    check_parallel_layout(args, gpus_per_node=_local_world_size())
-    resolve_harpe_args(args)
-    if args.attention_backend.name == "local" and not args.spec:
-        # validate_args reads args.spec[0] here and raises TypeError without --spec
-        raise HarpeArgumentError("--attention-backend local is megatron's --spec local core attention, which "
-                                 "pretrain_harpe.py does not build: use --transformer-impl local for the local spec, "
-                                 "or --attention-backend flash, fused, unfused or auto")
-    try:
-        _validate_megatron_args(megatron_arguments, args)
-    except AssertionError as e:
-        # validate_args reports with bare asserts; name the failed check instead of a traceback.
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        raise HarpeArgumentError(f"Megatron-LM's validate_args rejected the flags: {str(e) or frame.line} "
-                                 f"({os.path.basename(frame.filename)}:{frame.lineno})") from None
-    problems = unsupported_data_flags(args)
-    if problems:
-        raise HarpeArgumentError("these flags need a path pretrain_harpe.py does not have:\n  " + "\n  ".join(problems))
-    return args
-
-
-def _local_world_size():
-    """Ranks per node as torchrun sets them (None outside torchrun)."""
-    value = os.environ.get("LOCAL_WORLD_SIZE")
-    return int(value) if value and value.isdigit() else None
-
-
-def _args_from_checkpoint(args) -> None:
-    """``--use-checkpoint-args``: megatron's ``load_args_from_checkpoint``, plus the checkpoint's HARPE bases."""
-    from megatron.training.checkpointing import load_args_from_checkpoint
-
-    from megatron_harpe.cpu_compat import megatron_on_cpu
-    from megatron_harpe.training.checkpoint import CheckpointError, load_checkpoint_args
-
-    if args.load is None and args.pretrained_checkpoint is None:
-        raise HarpeArgumentError("--use-checkpoint-args needs --load or --pretrained-checkpoint")
-    if harpe_enabled(args):
-        raise HarpeArgumentError("--use-checkpoint-args takes the RoPE settings from the checkpoint, the HARPE "
-                                 "bases included (as megatron does for --rotary-base): drop the --harpe-* base flags")
-    for source in ("pretrained_checkpoint", "load"):  # megatron's order: --load wins
-        if getattr(args, source) is None:
-            continue
-        with megatron_on_cpu():  # it all-reduces the iteration on 'cuda' once a process group exists
-            load_args_from_checkpoint(args, load_arg=source)
-        try:
-            # megatron's load_args_from_checkpoint has just unpickled the same files: nothing new is trusted here.
-            saved = load_checkpoint_args(getattr(args, source), allow_pickle=True)
-        except CheckpointError:
-            continue  # megatron left the flags as given; so do we
-        if getattr(saved, "harpe_bases", None) is not None:
-            args.harpe_bases = list(saved.harpe_bases)
-
-
-def _validate_megatron_args(megatron_arguments, args) -> None:
-    if torch.cuda.is_available():
-        megatron_arguments.validate_args(args)
-    else:
-        # validate_args asks the GPU architecture when TP or CP > 1, only to demand
-        # CUDA_DEVICE_MAX_CONNECTIONS=1 on pre-Blackwell GPUs; without a GPU there is nothing to demand.
-        arch = megatron_arguments.get_device_arch_version
-        megatron_arguments.get_device_arch_version = lambda: 10
-        try:
-            megatron_arguments.validate_args(args)
-        finally:
-            megatron_arguments.get_device_arch_version = arch
 
 
 def choose_engine(args) -> str:
@@ -151,7 +57,7 @@ def use_prebuilt_dataset_helpers() -> None:
     dataset_utils.compile_helpers = compile_helpers
 
 
-class RunFailed(RuntimeError):
+class RunFailed(RunError, RuntimeError):
     """The run stopped without doing what was asked (the reason was printed before)."""
 
 
@@ -226,14 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     flags = sys.argv[1:] if argv is None else list(argv)
     try:
         if "--harpe-check-only" in flags:
-            with contextlib.redirect_stdout(io.StringIO()):  # validate_args prints every argument
-                args = parse_and_validate(flags)
-                check_only(args)
+            args = parse_megatron_args(flags)  # quiet: validate_args prints every argument
+            check_only(args)
             print(f"pretrain_harpe.py: the flags fit {args.world_size} rank(s): TP {args.tensor_model_parallel_size}, "
                   f"PP {args.pipeline_model_parallel_size}, CP {args.context_parallel_size}, "
                   f"DP {args.data_parallel_size}", file=sys.stderr)
             return 0
-        args = parse_and_validate(flags)
+        args = parse_megatron_args(flags, quiet=False)  # megatron's argument dump, as pretrain_gpt.py prints it
         engine = choose_engine(args)
         if engine == "megatron":
             check_megatron_engine_flags(args)
@@ -243,10 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             train(args)  # refuses unsupported flags (a HarpeArgumentError) before it starts anything
         else:
             _run_megatron(args)
-    except HarpeArgumentError as e:
+    except CommandError as e:  # HarpeArgumentError: 2, RunFailed: 1
         _report(str(e))
-        return 2
-    except RunFailed as e:
-        _report(str(e))
-        return 1
+        return e.exit_code
     return 0

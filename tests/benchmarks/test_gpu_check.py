@@ -103,7 +103,7 @@ def test_script_is_valid_bash():
 
 
 def test_dry_run_pretrain_commands_pass_megatron_and_differ_only_in_rope(tmp_path, monkeypatch):
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
     out = tmp_path / "check"
     commands = dry_run_commands(out)
@@ -118,8 +118,7 @@ def test_dry_run_pretrain_commands_pass_megatron_and_differ_only_in_rope(tmp_pat
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(sys, "argv", list(sys.argv))  # parse_and_validate replaces sys.argv
-    harpe, standard = parse_and_validate(harpe_argv), parse_and_validate(standard_argv)
+    harpe, standard = parse_megatron_args(harpe_argv), parse_megatron_args(standard_argv)
     impl = "transformer_engine" if have_te() else "local"  # the local spec where TE is not importable
     for args in (harpe, standard):
         assert args.seq_length == args.max_position_embeddings == 32768
@@ -144,7 +143,7 @@ def test_the_planner_step_estimates_the_harpe_run(tmp_path, monkeypatch):
     """The planner command describes the HARPE pretrain run exactly: same shape, batch, layout, optimizer."""
     from megatron_harpe.planning.megatron_reference import plan_inputs
     from megatron_harpe.planning.memory import estimate_memory
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
     out = tmp_path / "check"
     commands = dry_run_commands(out)
@@ -161,8 +160,7 @@ def test_the_planner_step_estimates_the_harpe_run(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    shape, layout, seq = plan_inputs(parse_and_validate(harpe_argv))
+    shape, layout, seq = plan_inputs(parse_megatron_args(harpe_argv))
     assert vars(layout) == plan["layout"]
     assert estimate_memory(shape, layout, seq).total == pytest.approx(plan["memory_bytes"]["total"], rel=1e-12)
 
@@ -178,19 +176,18 @@ def test_attention_backend_is_a_setting(tmp_path):
 
 def test_transformer_impl_is_a_setting_and_both_specs_pass_megatron(tmp_path, monkeypatch):
     """TRANSFORMER_IMPL=transformer_engine: TE's spec with megatron's fusions; local: the local spec without them."""
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
     te = pretrain_argvs(dry_run_commands(tmp_path / "te", TRANSFORMER_IMPL="transformer_engine"))
     local = pretrain_argvs(dry_run_commands(tmp_path / "local", TRANSFORMER_IMPL="local"))
     for argv in te:
         assert "--no-rope-fusion" not in argv and argv[argv.index("--transformer-impl") + 1] == "transformer_engine"
-        args = parse_and_validate(argv)
+        args = parse_megatron_args(argv)
         assert args.transformer_impl == "transformer_engine" and args.apply_rope_fusion
     for argv in local:
-        args = parse_and_validate(argv)
+        args = parse_megatron_args(argv)
         assert args.transformer_impl == "local"
         assert not args.apply_rope_fusion and not args.gradient_accumulation_fusion and args.no_persist_layer_norm
     # and the local spec's model builds from these flags (megatron's own config; its torch norms refuse a
@@ -212,31 +209,30 @@ def test_the_local_spec_runs_build_and_announce_what_the_report_checks(tmp_path,
     from megatron.training.arguments import core_transformer_config_from_args
 
     import megatron_harpe.kernels as kernels
-    import megatron_harpe.training.model_provider as model_provider
+    import megatron_harpe.model_from_args as model_from_args
     from megatron_harpe.cpu_compat import megatron_on_cpu
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
     expected = {}
     for argv in pretrain_argvs(dry_run_commands(tmp_path / "check", "--only", "pretrain", TRANSFORMER_IMPL="local")):
         for flag, value in (("--num-layers", "1"), ("--hidden-size", "256"), ("--ffn-hidden-size", "512")):
             argv[argv.index(flag) + 1] = value
-        args = parse_and_validate(argv)
+        args = parse_megatron_args(argv)
         args.padded_vocab_size = 1024
         config = core_transformer_config_from_args(args)
         config.use_cpu_initialization = True  # megatron.training would place it on the GPU
-        monkeypatch.setattr(model_provider, "_announced", False, raising=False)  # it announces once per process
+        monkeypatch.setattr(model_from_args, "_announced", False)  # it announces once per process
         capsys.readouterr()
         records = []
         handler = logging.Handler(logging.INFO)
         handler.emit = records.append
-        logger = logging.getLogger(model_provider.__name__)
+        logger = logging.getLogger(model_from_args.__name__)
         logger.addHandler(handler)
         monkeypatch.setattr(logger, "level", logging.INFO)
         try:
-            model = model_provider.build_model(args, config=config)
+            model = model_from_args.build_model(args, config=config)
             # the HARPE kernel says which one it is at its first call: one forward step (megatron's own RoPE
             # provider places its table on CUDA unless shimmed)
             monkeypatch.setattr(kernels, "_reported", set(), raising=False)

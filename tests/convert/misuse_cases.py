@@ -1,22 +1,7 @@
 """Misuse rows for the conversion commands (tools/convert_*.py, tools/reshard_megatron.py)."""
 
-import importlib.util
-import os
-import sys
-
+import tiny_checkpoints
 from misuse import Misuse
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _tiny():
-    """tests/convert/tiny_checkpoints.py, one module however this file is loaded."""
-    name = "convert_tiny_checkpoints"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "tiny_checkpoints.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 HF_TO_MEGATRON = "megatron_harpe.convert.cli:hf_to_megatron"
@@ -26,18 +11,18 @@ RESHARD = "megatron_harpe.convert.cli:reshard"
 
 def run_dir(tmp, get):
     """A training run's folder: the checkpoint beside the user's metrics."""
-    _tiny().copy_of("torch", tmp / "run" / "checkpoints", get)
+    tiny_checkpoints.copy_of("torch", tmp / "run" / "checkpoints", get)
     (tmp / "run" / "metrics.jsonl").write_text('{"iteration": 1, "loss": 5.7}\n')
     return {"run": str(tmp / "run")}
 
 
 def hf_dir(tmp, get):
-    return {"hf": str(_tiny().copy_of("hf", tmp / "hf", get))}
+    return {"hf": str(tiny_checkpoints.copy_of("hf", tmp / "hf", get))}
 
 
 def checkpoint(kind):
     def setup(tmp, get):
-        return {"ckpt": str(_tiny().copy_of(kind, tmp / "ckpt", get))}
+        return {"ckpt": str(tiny_checkpoints.copy_of(kind, tmp / "ckpt", get))}
     return setup
 
 
@@ -48,7 +33,7 @@ def users_folder(tmp, get):
 
 
 def our_export_with_notes(tmp, get):
-    _tiny().copy_of("export", tmp / "export", get)
+    tiny_checkpoints.copy_of("export", tmp / "export", get)
     (tmp / "export" / "NOTES.md").write_text("my notes on this export\n")
     return checkpoint("torch")(tmp, get)
 
@@ -61,7 +46,7 @@ def tokenizer_beside(tmp, get):
 
 def pickle_payload(tmp, get):
     names = checkpoint("torch")(tmp, get)
-    _tiny().add_payload(tmp / "ckpt", tmp / "PAYLOAD_RAN")  # tmp must stay unchanged: the marker may not appear
+    tiny_checkpoints.add_payload(tmp / "ckpt", tmp / "PAYLOAD_RAN")  # tmp must stay unchanged: the marker may not appear
     return names
 
 
@@ -69,7 +54,7 @@ def without_vocab_size(tmp, get):
     import torch
 
     names = checkpoint("torch")(tmp, get)
-    file = _tiny().rank_file(tmp / "ckpt")
+    file = tiny_checkpoints.rank_file(tmp / "ckpt")
     state = torch.load(file, weights_only=True)
     state["args"].vocab_size = None  # as a run that took its vocabulary from a tokenizer records it
     torch.save(state, file)
@@ -79,7 +64,7 @@ def without_vocab_size(tmp, get):
 def truncated(kind, file):
     def setup(tmp, get):
         names = checkpoint(kind)(tmp, get)
-        _tiny().truncate(tmp / "ckpt" / "release" / file)
+        tiny_checkpoints.truncate(tmp / "ckpt" / "release" / file)
         return names
     return setup
 

@@ -3,8 +3,8 @@ examples/prepare_long_context_data.sh)."""
 
 from misuse import Misuse
 
-PREPROCESS = "megatron_harpe.data.preprocess:main"
-MIX = "megatron_harpe.data.mixture:main"
+PREPROCESS = "megatron_harpe.data.cli:preprocess_data"
+MIX = "megatron_harpe.data.cli:build_long_context_mix"
 
 
 def _tokenizer(tmp):
@@ -57,16 +57,18 @@ CASES = [
            ["--source", "book={tmp}/book", "--source", "c4={tmp}/c4", "--weight", "arxiv=0.1", "--output-prefix",
             "{tmp}/mix"],
            message=r"--weight arxiv=\.\.\.: no --source arxiv; the sources given are book, c4", entry=MIX,
-           exit_code=1),
+           exit_code=2),
     Misuse("5", "mix-weight-given-twice", ["--source", "book={tmp}/book", "--weight", "book=0.1", "--weight",
                                            "books=0.2", "--output-prefix", "{tmp}/mix"],
-           message=r"--weight: book and books both name source book: give it once", entry=MIX, exit_code=1),
+           message=r"--weight: book and books both name source book: give it once", entry=MIX, exit_code=2),
     Misuse("5", "mix-weight-not-a-number", ["--source", "book={tmp}/book", "--weight", "book=lots",
                                             "--output-prefix", "{tmp}/mix"],
-           message=r"--weight: book='lots' is not a number", entry=MIX, exit_code=1),
+           message=r"--weight: book='lots' is not a number", entry=MIX, exit_code=2),
     Misuse("5", "mix-source-given-twice", ["--source", "book={tmp}/a", "--source", "book={tmp}/b",
                                            "--output-prefix", "{tmp}/mix"],
-           message=r"--source book is given twice: give each source once", entry=MIX, exit_code=1),
+           message=r"--source book is given twice: give each source once", entry=MIX, exit_code=2),
+    Misuse("5", "mix-abbreviation-refused", ["--source", "book={tmp}/book", "--output", "{tmp}/mix"],
+           message=r"unrecognized arguments: --output|required: --output-prefix", entry=MIX, exit_code=2),
     Misuse("5", "prepare-data-readme-is-not-a-source",
            ["env", "SOURCES_DIR={tmp}/sources", "TOKENIZER_MODEL={tmp}/tokenizer.model", "bash",
             "{root}/examples/prepare_long_context_data.sh", "{tmp}/out"],

@@ -8,8 +8,9 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_harpe.data import mixture
+from megatron_harpe.data.cli import build_long_context_mix, build_long_context_mix_parser, mixture_spec
+from megatron_harpe.data.cli import preprocess_data as preprocess_main
 from megatron_harpe.data.mixture import FU_ET_AL_WEIGHTS, MixtureSpec, canonical_source, document_lengths, plan_mixture
-from megatron_harpe.data.preprocess import main as preprocess_main
 from megatron_harpe.data.synthetic import source_documents, write_jsonl
 
 SOURCES = ("commoncrawl", "c4", "book", "arxiv")
@@ -30,7 +31,7 @@ def source_prefixes(tmp_path_factory, spm_model):
 
 def build(prefixes, out, *extra):
     argv = [f"--source={name}={prefix}" for name, prefix in prefixes.items()]
-    return mixture.main(argv + ["--output-prefix", str(out), *map(str, extra)])
+    return build_long_context_mix(argv + ["--output-prefix", str(out), *map(str, extra)])
 
 
 def source_of_documents(prefixes, output_prefix):
@@ -116,7 +117,7 @@ def test_blend_output(tmp_path, source_prefixes):
 
 def test_errors(tmp_path, source_prefixes, capsys):
     unknown = {"mystery": source_prefixes["c4"]}
-    assert build(unknown, tmp_path / "m") == 1
+    assert build(unknown, tmp_path / "m") == 2  # a flag to add (--weight mystery=W): exit 2, bad usage
     assert "no weight for source(s) ['mystery']" in capsys.readouterr().err
     assert build(source_prefixes, tmp_path / "m") == 1  # default 131072-token sequences: far too little data
     assert "fewer kept tokens than one 131072-token sequence" in capsys.readouterr().err
@@ -131,8 +132,9 @@ def test_errors(tmp_path, source_prefixes, capsys):
 
 def test_one_weight_replaces_only_its_sources_default(tmp_path, source_prefixes):
     """--weight book=0.3 changes book's share; the other sources keep Fu et al.'s (renormalized over those given)."""
-    args = mixture.build_parser().parse_args(["--source", "book=x", "--weight", "books=0.3", "--output-prefix", "o"])
-    assert mixture.spec_from_args(args).weights == {**FU_ET_AL_WEIGHTS, "book": 0.3}
+    args = build_long_context_mix_parser().parse_args(["--source", "book=x", "--weight", "books=0.3",
+                                                       "--output-prefix", "o"])
+    assert mixture_spec(args).weights == {**FU_ET_AL_WEIGHTS, "book": 0.3}
     assert build(source_prefixes, tmp_path / "w", "--long-threshold", 400, "--seq-length", 256,
                  "--target-tokens", 20 * 256, "--weight", "book=0.3") == 0
     report = json.loads((tmp_path / "w.mixture.json").read_text())

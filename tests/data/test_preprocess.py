@@ -11,7 +11,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_harpe.data.preprocess import main
+from megatron_harpe.data.cli import preprocess_data as main
 from megatron_harpe.data.sentences import SentenceSplitter, train_punkt_parameters
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -184,7 +184,7 @@ def test_existing_output_needs_force(tmp_path, spm_model, capsys):
 def test_usage_errors(tmp_path, spm_model, capsys):
     assert run(spm_model, "--input", tmp_path / "missing.jsonl", "--output-prefix", tmp_path / "o") == 1
     assert "no such file" in capsys.readouterr().err
-    assert main(["--input", "x", "--output-prefix", str(tmp_path / "o")]) == 1
+    assert main(["--input", "x", "--output-prefix", str(tmp_path / "o")]) == 2  # a flag to add: bad usage
     assert "--tokenizer-type is required" in capsys.readouterr().err
     assert main(["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(tmp_path / "nope.model"),
                  "--input", "x", "--output-prefix", str(tmp_path / "o")]) == 1

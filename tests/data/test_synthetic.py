@@ -73,7 +73,7 @@ def test_bad_requests(processor):
 
 
 def test_make_synthetic_corpus_command(tmp_path, capsys):
-    from megatron_harpe.data.synthetic import main
+    from megatron_harpe.data.cli import make_synthetic_corpus as main
 
     out = tmp_path / "corpus"
     assert main(["--out", str(out), "--docs-per-source", "5", "--length-scale", "0.05", "--vocab-size", "400"]) == 0

@@ -29,11 +29,12 @@ def tiny_harpe_dir(tmp_path_factory, tiny_model_dir):
     import json
     import shutil
 
-    from megatron_harpe.convert.hf_checkpoint import shape_from_hf_config, write_hf_config
+    from megatron_harpe.convert.hf_checkpoint import write_hf_config
+    from megatron_harpe.shape import LlamaShape
 
     root = tmp_path_factory.mktemp("tiny_harpe") / "model"
     shutil.copytree(tiny_model_dir, root)
     config = json.loads((root / "config.json").read_text())
     os.remove(root / "config.json")
-    write_hf_config(str(root), shape_from_hf_config(config), "fp32", harpe_bases=[1e4, 5e5])
+    write_hf_config(str(root), LlamaShape.from_hf_config(config), "fp32", harpe_bases=[1e4, 5e5])
     return str(root)

@@ -115,6 +115,9 @@ CASES = [
                                                           "--lengths", "64"],
            message=r"/model: config\.json asks to run .*--trust-remote-code", entry=PERPLEXITY, exit_code=1,
            setup=edited_export),
+    # 5: our own parsers take no abbreviations (Megatron's does): an unknown option is refused.
+    Misuse("5", "niah-abbreviation-refused", ["--mod", "{tmp}/model", "--model", "{tmp}/model", "--out", "{tmp}/out"],
+           message=r"unrecognized arguments: --mod ", entry=NIAH, exit_code=2),
     # 6: cryptic failures name the file and what it should have been.
     Misuse("6", "compare-names-a-non-json-results-file", ["{a}", "{bad}", "--out", "{tmp}/c.png"],
            message=r"bad\.json: not a results JSON written by eval_niah \(Expecting value.*\): give a niah\.json",

@@ -1,8 +1,6 @@
 import json
 
-import numpy as np
-
-from megatron_harpe.eval.cli import compare_niah, plot_harpe_bases
+from megatron_harpe.eval.cli import compare_niah
 from megatron_harpe.eval.grid import cell_key, score_grid
 
 
@@ -26,15 +24,3 @@ def test_compare_two_results(tmp_path, capsys):
     other = fake_results(tmp_path / "o.json", [[1, 1, 1], [1, 1, 1]], lengths=(100, 200, 300))
     assert compare_niah([a, other, "--out", str(tmp_path / "d.png")]) == 1
     assert "different lengths or depths" in capsys.readouterr().err
-
-
-def test_plot_harpe_bases(tmp_path, capsys):
-    from megatron_harpe.bases import PAPER_LLAMA2_7B_BASES
-
-    assert plot_harpe_bases(["--out", str(tmp_path / "paper.png")]) == 0  # default: the paper's Table 2
-    assert f"32 bases from {min(PAPER_LLAMA2_7B_BASES):.4g} to {max(PAPER_LLAMA2_7B_BASES):.4g}" in \
-        capsys.readouterr().out
-    assert plot_harpe_bases(["--strategy", "uniform", "--num-bases", "8", "--out", str(tmp_path / "u.png")]) == 0
-    assert (tmp_path / "u.png").stat().st_size > 10_000 and not list(tmp_path.glob("*.partial.png"))
-    assert plot_harpe_bases(["--out", str(tmp_path / "u.png")]) == 2
-    assert "pass --force" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
 from megatron_harpe.kernels import harpe_rope_qk
+from megatron_harpe.kernels.saved_bytes import saved_bytes
 from megatron_harpe.positions import packed_local_coordinates
 from megatron_harpe.rotary import inverse_frequencies, materialize_frequencies
 from test_rotary import FakeGroup
@@ -93,10 +94,8 @@ def test_saves_only_positions_and_the_table():
     q.requires_grad_(), k.requires_grad_()
     positions = torch.arange(rows, dtype=torch.float32)
     inv = inverse_frequencies([1e4 * (h + 1) for h in range(heads)], dim)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out_q, out_k = harpe_rope_qk_torch(q, k, positions, inv)
-    assert sum(t.numel() * t.element_size() for t in saved) == positions.nbytes + inv.nbytes
+    assert saved_bytes(harpe_rope_qk_torch, q, k, positions, inv) == positions.nbytes + inv.nbytes
+    out_q, out_k = harpe_rope_qk_torch(q, k, positions, inv)
     (out_q.float().sum() + out_k.float().sum()).backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 

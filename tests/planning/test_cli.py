@@ -8,17 +8,18 @@ import sys
 import pytest
 
 from megatron_harpe.planning.cli import main
-from megatron_harpe.planning.launch import REPO, megatron_args
+from megatron_harpe.planning.launch import megatron_args
 from megatron_harpe.planning.megatron_reference import plan_inputs
 from megatron_harpe.planning.memory import estimate_memory
 from megatron_harpe.planning.search import Hardware, Request, search
-from megatron_harpe.planning.shapes import PRESETS
+from megatron_harpe.shape import SHAPES
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "plan_parallelism.py")
 
 
 def plans_for(model, gpus, memory=80, seq=131072, **kw):
-    return search(Request(PRESETS[model], seq, gpus, 1, max(1, 4194304 // seq), **kw), Hardware(memory))[0]
+    return search(Request(SHAPES[model], seq, gpus, 1, max(1, 4194304 // seq), **kw), Hardware(memory))[0]
 
 
 @pytest.mark.parametrize("model,gpus,default", [("7b", 8, (4, 1, 2)), ("13b", 16, (8, 1, 2)), ("70b", 128, (8, 4, 4))])

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
+from megatron_harpe.kernels.saved_bytes import saved_bytes
 from megatron_harpe.planning.memory import (BF16, FP32, Layout, estimate_memory, layer_activation_bytes,
                                             layer_input_bytes, rope_bytes)
-from megatron_harpe.planning.shapes import PRESETS, ModelShape
+from megatron_harpe.shape import SHAPES, LlamaShape
 
 SEQ = 131072
 
@@ -13,19 +14,6 @@ SEQ = 131072
 def layout(**kw):
     base = dict(tp=4, pp=1, cp=2, dp=1, micro_batch_size=1, num_microbatches=32)
     return Layout(**{**base, **kw})
-
-
-def saved_bytes(fn, *inputs):
-    """Bytes the autograd graph keeps for backward, each storage once."""
-    sizes = {}
-
-    def pack(t):
-        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*inputs)
-    return sum(sizes.values())
 
 
 @pytest.mark.parametrize("tp,cp", [(1, 1), (2, 1), (2, 2)])
@@ -36,7 +24,7 @@ def test_rope_bytes_equal_what_the_rope_paths_save(tp, cp):
     from megatron_harpe.kernels import harpe_rope_qk
     from megatron_harpe.rotary import inverse_frequencies, materialize_frequencies
 
-    shape = ModelShape(name="t", num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4,
+    shape = LlamaShape(name="t", num_layers=2, hidden_size=128, num_attention_heads=8, num_query_groups=4,
                        ffn_hidden_size=256)
     seq, d = 512, shape.kv_channels
     heads, groups = shape.num_attention_heads // tp, shape.num_query_groups // tp
@@ -49,7 +37,7 @@ def test_rope_bytes_equal_what_the_rope_paths_save(tp, cp):
     plan = layout(tp=tp, cp=cp, num_microbatches=1)
 
     kernel = saved_bytes(lambda: harpe_rope_qk(q, k, positions, table, impl="torch"))
-    assert kernel == rope_bytes(shape, plan, seq, 1, harpe=True, rope_impl="kernel")
+    assert kernel == rope_bytes(shape, plan, seq, 1, harpe=True, rope_impl="torch")
 
     unfused = saved_bytes(lambda: (_apply_rotary_pos_emb_bshd(q, q_freqs), _apply_rotary_pos_emb_bshd(k, k_freqs)))
     per_layer = (rope_bytes(shape, plan, seq, 1, harpe=True, rope_impl="unfused")
@@ -60,7 +48,7 @@ def test_rope_bytes_equal_what_the_rope_paths_save(tp, cp):
 
 
 def test_harpe_kernels_hold_less_than_megatrons_rope_and_unfused_much_more():
-    shape = PRESETS["7b"]
+    shape = SHAPES["7b"]
     kernel = estimate_memory(shape, layout(recompute="full"), SEQ)
     unfused = estimate_memory(shape, layout(recompute="none"), SEQ, rope_impl="unfused")
     # megatron's fused RoPE keeps one fp32 [s/cp, d] table; HARPE keeps s/cp positions and a [groups/tp, d/2] table.
@@ -74,7 +62,7 @@ def test_harpe_kernels_hold_less_than_megatrons_rope_and_unfused_much_more():
 
 
 def test_recompute_trades_activations_for_a_recomputed_layer():
-    shape = PRESETS["7b"]
+    shape = SHAPES["7b"]
     tokens = SEQ // 2
     none = estimate_memory(shape, layout(recompute="none"), SEQ)
     blocks = [estimate_memory(shape, layout(recompute="block", recompute_layers=k), SEQ) for k in (1, 8, 31)]
@@ -91,7 +79,7 @@ def test_recompute_trades_activations_for_a_recomputed_layer():
 
 
 def test_pipeline_first_stage_holds_one_microbatch_per_stage():
-    shape = PRESETS["70b"]
+    shape = SHAPES["70b"]
     many = estimate_memory(shape, layout(tp=8, pp=4, cp=4, recompute="full", num_microbatches=32), SEQ)
     few = estimate_memory(shape, layout(tp=8, pp=4, cp=4, recompute="full", num_microbatches=2), SEQ)
     assert many.stage == 0 and few.stage == 0
@@ -102,7 +90,7 @@ def test_pipeline_first_stage_holds_one_microbatch_per_stage():
 
 
 def test_distributed_optimizer_shards_over_dp_and_cp():
-    shape = PRESETS["13b"]
+    shape = SHAPES["13b"]
     for dp, cp in [(1, 1), (4, 1), (2, 4)]:
         m = estimate_memory(shape, layout(tp=8, cp=cp, dp=dp), SEQ)
         assert m.optimizer_replicated == pytest.approx(m.optimizer_distributed * dp * cp)
@@ -117,9 +105,15 @@ def test_stage_parameters_equal_megatrons_model_on_each_rank(model, tp, pp):
     """The planner's parameter count per GPU against megatron's own per-rank model (meta device)."""
     from meta_model import rank_parameter_count
 
-    from megatron_harpe.configs import LLAMA2_SHAPES
     from megatron_harpe.planning.memory import stage_parameters
 
     for stage in sorted({0, pp // 2, pp - 1}):
-        counted = rank_parameter_count(LLAMA2_SHAPES[model], tp, pp, tp_rank=tp - 1, pp_rank=stage)
-        assert stage_parameters(PRESETS[model], tp, pp, stage) == counted, (model, tp, pp, stage)
+        counted = rank_parameter_count(SHAPES[model], tp, pp, tp_rank=tp - 1, pp_rank=stage)
+        assert stage_parameters(SHAPES[model], tp, pp, stage) == counted, (model, tp, pp, stage)
+
+
+def test_the_rope_memory_models_take_the_trainers_rope_impls():
+    from megatron_harpe.planning.memory import ROPE_MEMORY
+    from megatron_harpe.rotary import ROPE_IMPLS
+
+    assert tuple(ROPE_MEMORY) == ROPE_IMPLS

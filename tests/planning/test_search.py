@@ -7,13 +7,13 @@ import pytest
 from megatron_harpe.planning.communication import comm_volume
 from megatron_harpe.planning.memory import Layout, estimate_memory
 from megatron_harpe.planning.search import Hardware, Request, layouts, search
-from megatron_harpe.planning.shapes import PRESETS
+from megatron_harpe.shape import SHAPES
 
 SEQ = 131072
 
 
 def test_layouts_respect_megatron_and_harpe_constraints():
-    request = Request(PRESETS["70b"], SEQ, 128, 1, 32)
+    request = Request(SHAPES["70b"], SEQ, 128, 1, 32)
     found = list(layouts(request, Hardware(80)))
     assert (8, 4, 4, 1) in found and (8, 2, 8, 1) in found
     for tp, pp, cp, dp in found:
@@ -25,7 +25,7 @@ def test_layouts_respect_megatron_and_harpe_constraints():
 
 
 def test_recompute_is_the_least_that_fits():
-    request = Request(PRESETS["7b"], SEQ, 8, 1, 32)
+    request = Request(SHAPES["7b"], SEQ, 8, 1, 32)
     hardware = Hardware(80)
     plans, _ = search(request, hardware)
     blocks = [p for p in plans if p.fits and p.layout.recompute == "block"]
@@ -42,7 +42,7 @@ def test_recompute_is_the_least_that_fits():
 
 
 def test_communication_volumes():
-    shape = PRESETS["7b"]
+    shape = SHAPES["7b"]
     base = Layout(tp=1, pp=1, cp=1, dp=8, micro_batch_size=1, num_microbatches=4)
     solo = comm_volume(shape, base, SEQ)
     assert solo.tp == solo.cp == solo.pp == 0 and solo.dp > 0
@@ -61,6 +61,6 @@ def test_communication_volumes():
 
 
 def test_block_recompute_with_one_layer_stages():
-    request = Request(PRESETS["7b"], SEQ, 32, 1, 32, recompute="block", fixed={"pp": 32})
+    request = Request(SHAPES["7b"], SEQ, 32, 1, 32, recompute="block", fixed={"pp": 32})
     plans, _ = search(request, Hardware(80))
     assert plans and all(p.layout.recompute == "block" and p.layout.recompute_layers == 1 for p in plans)

@@ -157,7 +157,8 @@ def test_checkpoint_loads_into_harpe_model_with_its_bases(tp2_and_pp2_runs, mega
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 
     from megatron_harpe import HarpeGPTModel
-    from megatron_harpe.training.checkpoint import load_checkpoint_args, load_model
+    from megatron_harpe.checkpoint_layout import load_checkpoint_args
+    from megatron_harpe.checkpoint_model import load_model
     from megatron_harpe.training.data import gpt_dataset_config_from_args
 
     ckpt = tp2_and_pp2_runs[0] / "checkpoints"  # TP=2, 20 iterations at 3e-3
@@ -167,9 +168,9 @@ def test_checkpoint_loads_into_harpe_model_with_its_bases(tp2_and_pp2_runs, mega
     assert load_checkpoint_args(str(ckpt), allow_pickle=True).harpe_bases == expected
 
     # --use-checkpoint-args fills the shape from the checkpoint (megatron's load_args_from_checkpoint), and the bases
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
-    resumed = parse_and_validate(["--use-checkpoint-args", "--load", str(ckpt), "--micro-batch-size", "1",
+    resumed = parse_megatron_args(["--use-checkpoint-args", "--load", str(ckpt), "--micro-batch-size", "1",
                                   "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--tokenizer-type",
                                   "NullTokenizer", "--vocab-size", "255"])
     assert (resumed.num_layers, resumed.hidden_size, resumed.num_query_groups) == (2, 64, 2)

@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from megatron_harpe.cpu_compat import megatron_on_cpu
-from megatron_harpe.training.data import (BATCH_KEYS, get_batch, gpt_dataset_config_from_args,
-                                          packed_seq_params_from_batch, unsupported_data_flags)
+from megatron_harpe.megatron_args import unsupported_data_flags
+from megatron_harpe.training.data import BATCH_KEYS, get_batch, gpt_dataset_config_from_args, packed_seq_params_from_batch
 from utils import TINY_ARGV as TINY, VOCAB, tiny_model
 
 
 
 def parse(argv):
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
-    return parse_and_validate(argv)
+    return parse_megatron_args(argv)
 
 
 def batch_args(**overrides):

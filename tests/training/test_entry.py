@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from megatron_harpe.arguments import HarpeArgumentError
-from megatron_harpe.training.entry import parse_and_validate
+from megatron_harpe.megatron_args import parse_megatron_args
 from utils import TINY_ARGV as TINY
 
 
@@ -13,19 +13,19 @@ def test_yaml_config_is_refused_not_half_applied(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("num_layers: 2\n")
     with pytest.raises(HarpeArgumentError, match="--yaml-cfg"):
-        parse_and_validate(TINY + ["--yaml-cfg", str(cfg), "--harpe-bases", "1e4,2e4,3e4,4e4"])
+        parse_megatron_args(TINY + ["--yaml-cfg", str(cfg), "--harpe-bases", "1e4,2e4,3e4,4e4"])
 
 
 def test_use_checkpoint_args_needs_a_checkpoint():
     with pytest.raises(HarpeArgumentError, match="needs --load or --pretrained-checkpoint"):
-        parse_and_validate(TINY + ["--use-checkpoint-args"])
+        parse_megatron_args(TINY + ["--use-checkpoint-args"])
 
 
 def test_argv_is_restored(monkeypatch):
     import sys
 
     monkeypatch.setattr(sys, "argv", ["caller", "--its-own"])
-    parse_and_validate(TINY)
+    parse_megatron_args(TINY)
     assert sys.argv == ["caller", "--its-own"]
 
 
@@ -34,7 +34,7 @@ def test_bases_are_logged_by_rank_0_only(monkeypatch, caplog, rank, logged):
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("WORLD_SIZE", "4")
     with caplog.at_level(logging.INFO, logger="megatron_harpe.arguments"):
-        args = parse_and_validate(TINY + ["--harpe-bases", "1e4,2e4,3e4,4e4"])
+        args = parse_megatron_args(TINY + ["--harpe-bases", "1e4,2e4,3e4,4e4"])
     assert args.harpe_bases == [1e4, 2e4, 3e4, 4e4]
     assert any("HARPE bases (4" in r.getMessage() for r in caplog.records) is logged
 
@@ -45,7 +45,7 @@ def test_embedding_ranks_as_pretrain_gpt(monkeypatch, untie, expected):
 
     from megatron_harpe.training.entry import embedding_ranks
 
-    args = parse_and_validate(TINY + (["--untie-embeddings-and-output-weights"] if untie else []))
+    args = parse_megatron_args(TINY + (["--untie-embeddings-and-output-weights"] if untie else []))
     monkeypatch.setattr(global_vars, "_GLOBAL_ARGS", args)
     assert embedding_ranks([0, 4, 8, 12]) == expected
     assert embedding_ranks([3]) == [3]
@@ -71,11 +71,11 @@ def test_megatron_engine_without_te_names_the_fusion_flags(monkeypatch):
     from megatron_harpe.training.entry import check_megatron_engine_flags
 
     monkeypatch.setattr(transformer_engine, "HAVE_TE", False)
-    args = parse_and_validate(TINY + ["--transformer-impl", "local"])
+    args = parse_megatron_args(TINY + ["--transformer-impl", "local"])
     with pytest.raises(HarpeArgumentError, match="--no-rope-fusion --no-gradient-accumulation-fusion "
                                                  "--no-persist-layer-norm"):
         check_megatron_engine_flags(args)
-    check_megatron_engine_flags(parse_and_validate(TINY + [
+    check_megatron_engine_flags(parse_megatron_args(TINY + [
         "--transformer-impl", "local", "--no-rope-fusion", "--no-gradient-accumulation-fusion",
         "--no-persist-layer-norm"]))
 
@@ -123,8 +123,8 @@ def test_the_layout_is_checked_against_the_node(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(HarpeArgumentError, match="--tensor-model-parallel-size 4 is more than the 2 GPUs of a node"):
-        parse_and_validate(TINY + ["--tensor-model-parallel-size", "4"])
-    args = parse_and_validate(TINY + ["--tensor-model-parallel-size", "4", "--harpe-tp-across-nodes"])
+        parse_megatron_args(TINY + ["--tensor-model-parallel-size", "4"])
+    args = parse_megatron_args(TINY + ["--tensor-model-parallel-size", "4", "--harpe-tp-across-nodes"])
     assert args.tensor_model_parallel_size == 4 and args.data_parallel_size == 2
 
 
@@ -147,7 +147,7 @@ def test_a_failed_load_in_the_megatron_engine_is_an_error(monkeypatch):
 
     from megatron_harpe.training import entry
 
-    args = parse_and_validate(TINY + ["--load", "no/such/checkpoint"])
+    args = parse_megatron_args(TINY + ["--load", "no/such/checkpoint"])
     monkeypatch.setattr(training, "load_checkpoint", lambda *a, **k: sys.exit())
     monkeypatch.setattr(training, "pretrain", lambda *a, **k: training.load_checkpoint(None, None, None))
     monkeypatch.setattr(global_vars, "set_global_variables",

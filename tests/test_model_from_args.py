@@ -1,4 +1,4 @@
-"""The layer spec is what the flags say, never a silent substitute, and is announced once."""
+"""The layer spec is what the flags say, never a silent substitute, and is announced once (model_from_args)."""
 
 import argparse
 
@@ -6,16 +6,16 @@ import pytest
 
 from megatron_harpe.arguments import HarpeArgumentError
 from megatron_harpe.model import have_te
-from megatron_harpe.training import model_provider
-from megatron_harpe.training.entry import parse_and_validate
+from megatron_harpe import model_from_args
+from megatron_harpe.megatron_args import parse_megatron_args
 from utils import TINY_ARGV as TINY
 
 
 @pytest.mark.skipif(have_te(), reason="Transformer Engine is installed here")
 def test_transformer_engine_without_te_is_an_error_that_says_what_to_do():
     with pytest.raises(HarpeArgumentError, match="--transformer-impl local"):
-        model_provider.layer_impl(argparse.Namespace(transformer_impl="transformer_engine"))
-    assert model_provider.layer_impl(argparse.Namespace(transformer_impl="local")) == "local"
+        model_from_args.layer_impl(argparse.Namespace(transformer_impl="transformer_engine"))
+    assert model_from_args.layer_impl(argparse.Namespace(transformer_impl="local")) == "local"
 
 
 @pytest.mark.skipif(have_te(), reason="Transformer Engine is installed here")
@@ -30,17 +30,17 @@ def test_the_megatron_engine_refuses_before_it_starts(monkeypatch, capsys):
 
 def test_build_model_announces_spec_and_rope_kernel_once(megatron_single_process, monkeypatch, capsys):
     from megatron_harpe.cpu_compat import megatron_on_cpu
-    from megatron_harpe.training.compact import prepare_args_for_cpu
+    from megatron_harpe.cpu_compat import prepare_args_for_cpu
 
-    monkeypatch.setattr(model_provider, "_announced", False)
-    args = parse_and_validate(TINY + ["--harpe-bases", "1e4,2e4,3e4,4e4"])
+    monkeypatch.setattr(model_from_args, "_announced", False)
+    args = parse_megatron_args(TINY + ["--harpe-bases", "1e4,2e4,3e4,4e4"])
     prepare_args_for_cpu(args)
     args.padded_vocab_size = 128
     with megatron_on_cpu():
-        model_provider.build_model(args)
-        model_provider.build_model(args)
+        model_from_args.build_model(args)
+        model_from_args.build_model(args)
     lines = capsys.readouterr().out.splitlines()
-    assert lines.count("layer spec: " + model_provider.SPEC_NAMES["local"]) == 1
+    assert lines.count("layer spec: " + model_from_args.SPEC_NAMES["local"]) == 1
     assert sum(line.startswith("HARPE RoPE path: --harpe-rope-impl auto") for line in lines) == 1
 
 
@@ -58,7 +58,7 @@ def test_the_kernel_that_runs_says_so_once(monkeypatch, capsys):
 
 
 def test_standard_rope_is_announced_as_such(monkeypatch):
-    args = parse_and_validate(TINY + ["--rotary-base", "500000"])
-    assert model_provider.rope_path(args, None).startswith("standard RoPE: megatron's")
+    args = parse_megatron_args(TINY + ["--rotary-base", "500000"])
+    assert model_from_args.rope_path(args, None).startswith("standard RoPE: megatron's")
     args.harpe_rope_impl = "unfused"
-    assert model_provider.rope_path(args, [1e4]).startswith("HARPE RoPE kernel: unfused")
+    assert model_from_args.rope_path(args, [1e4]).startswith("HARPE RoPE kernel: unfused")

@@ -5,16 +5,18 @@ Each command runs as a user runs it (a fresh interpreter, the script as ``__main
 the names of the modules it imported once the command has exited.
 """
 
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 COMMANDS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tools").glob("*.py")) + ["pretrain_harpe.py"]
 # Commands whose CLI is pure Python and numpy: their --help must not load torch either.
-TORCH_FREE = {"tools/select_bases.py", "tools/harpe_demo.py", "tools/plot_harpe_bases.py"}
+TORCH_FREE = {"tools/select_bases.py", "tools/harpe_demo.py"}
 # pretrain_harpe.py's --help is Megatron-LM's own parser (every pretrain_gpt.py flag plus the HARPE group), so it
 # imports megatron by design; it must still answer (megatron-core 0.19.2's own --help raises on a bare '%').
 NEEDS_MEGATRON = {"pretrain_harpe.py"}
@@ -44,7 +46,32 @@ def run_help(command: str, tmp_path: Path):
 
 
 def test_every_tool_is_covered():
-    assert "tools/select_bases.py" in COMMANDS and len(COMMANDS) >= 15
+    assert "tools/select_bases.py" in COMMANDS and len(COMMANDS) >= 14
+
+
+def _console_scripts() -> dict:
+    """setup.py's console scripts, {name: "module:function"}, read from its text (no reinstall needed)."""
+    text = (ROOT / "setup.py").read_text()
+    return dict(re.findall(r'"(harpe-[\w-]+)=([\w.]+:\w+)"', text))
+
+
+def _tool_target(path: Path) -> str:
+    """The "module:function" a tools/*.py front imports and exits with."""
+    text = path.read_text()
+    imported = re.findall(r"^\s+from (megatron_harpe[\w.]*) import (\w+)$", text, re.M)
+    target = [(module, function) for module, function in imported if f"sys.exit({function}())" in text]
+    assert len(target) == 1, f"{path.name}: expected one `from megatron_harpe... import f` and `sys.exit(f())`"
+    return ":".join(target[0])
+
+
+def test_every_tool_is_a_console_script_and_back():
+    scripts = _console_scripts()
+    tools = {"harpe-" + p.stem.replace("_", "-").removeprefix("harpe-"): _tool_target(p)
+             for p in sorted((ROOT / "tools").glob("*.py"))}
+    assert tools == scripts
+    for target in scripts.values():  # each names a function that exists
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), target
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -43,14 +43,14 @@ def dry_run(script, *args, **env):
 
 def parsed(command, monkeypatch):
     """Megatron's parse_args + validate_args + HARPE resolution, for the world torchrun would start."""
-    from megatron_harpe.training.entry import parse_and_validate
+    from megatron_harpe.megatron_args import parse_megatron_args
 
     launcher = command[:command.index(next(a for a in command if a.endswith("pretrain_harpe.py")))]
     nnodes = int(launcher[launcher.index("--nnodes") + 1])
     per_node = int(launcher[launcher.index("--nproc-per-node") + 1])
     monkeypatch.setenv("WORLD_SIZE", str(nnodes * per_node))
     monkeypatch.setenv("RANK", "0")
-    args = parse_and_validate(command[len(launcher) + 1:])
+    args = parse_megatron_args(command[len(launcher) + 1:])
     return args, nnodes * per_node
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from misuse import Misuse, run_case
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/
 
 
 def _load_cases():

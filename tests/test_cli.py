@@ -1,4 +1,5 @@
-import argparse
+"""harpe-select-bases (megatron_harpe.cli:select_bases): bases from a list or a search, a table or JSON, a picture."""
+
 import json
 import os
 import re
@@ -6,7 +7,7 @@ import re
 import pytest
 
 from megatron_harpe.bases import PAPER_LLAMA2_7B_BASES
-from megatron_harpe.bases_cli import add_base_source_arguments, bases_from_arguments, main
+from megatron_harpe.cli import select_bases as main
 
 
 def test_prints_one_base_per_head_and_writes_a_png(tmp_path, capsys):
@@ -16,8 +17,8 @@ def test_prints_one_base_per_head_and_writes_a_png(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "10000.0" in out and "40000.0" in out and "waveform ripple" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # An existing picture is not overwritten without --force.
-    assert main(["--bases", "1e4,2e4", "--target-length", "4096", "--plot", str(png)]) == 2
+    # An existing picture is not overwritten without --force (exit 1: an output that may not be replaced).
+    assert main(["--bases", "1e4,2e4", "--target-length", "4096", "--plot", str(png)]) == 1
     assert "exists" in capsys.readouterr().err
 
 
@@ -37,9 +38,10 @@ def test_bad_input_is_a_clear_error(capsys):
 # Contradicting flags are refused, never silently ignored (issue 15, item 5); the misuse table has the command lines.
 @pytest.mark.parametrize("argv, message", [
     (["--bases", "paper-llama2-7b", "--num-bases", "8"], r"holds 32 bases but --num-bases is 8"),
-    (["--bases", "1e6,2e6", "--base-max", "9e6"], r"--base-max configures a strategy's search"),
+    (["--bases", "1e6,2e6", "--base-max", "9e6"], r"--base-max set the base search of --strategy"),
     (["--strategy", "geometric", "--stride", "1e4"], r"--strategy geometric does not use it"),
     (["--num-bases", "4", "--force"], r"no --plot was given"),
+    (["--num-bases", "4", "--abf-base", "1e6"], r"--abf-base only draws in the --plot picture"),
 ])
 def test_contradicting_flags_are_refused(argv, message, capsys):
     assert main(argv) == 2
@@ -52,17 +54,19 @@ def test_num_bases_equal_to_the_list_is_accepted(capsys):
     assert json.loads(capsys.readouterr().out)["bases"] == [1e4, 2e4, 4e4]
 
 
-def test_shared_flags_default_list_and_search(capsys):
-    # What plot_harpe_bases reads through the same two functions: its default is the paper's list.
-    parser = argparse.ArgumentParser()
-    add_base_source_arguments(parser, default="the paper's list")
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--target-length", type=int, default=4096)
-    read = lambda *argv: bases_from_arguments(parser.parse_args(argv), default_bases="paper-llama2-7b")
-    assert read() == list(PAPER_LLAMA2_7B_BASES)
-    assert read("--strategy", "uniform", "--num-bases", "3", "--base-min", "1e4", "--base-max", "3e4") == [1e4, 2e4, 3e4]
-    with pytest.raises(ValueError, match=r"default list .* holds 32 bases but --num-bases is 8"):
-        read("--num-bases", "8")
+def test_plot_draws_against_single_base_abf(tmp_path, capsys, monkeypatch):
+    # What tools/plot_harpe_bases.py drew, now --plot: the ABF line (--abf-base) and, for 32 bases, Table 2 beside them.
+    from megatron_harpe import plots
+
+    drawn = []
+    real = plots.plot_bases
+    monkeypatch.setattr(plots, "plot_bases", lambda bases, path, **kw: drawn.append(kw) or real(bases, path, **kw))
+    assert main(["--bases", "paper-llama2-7b", "--target-length", "8192", "--plot", str(tmp_path / "p.png")]) == 0
+    assert drawn[-1]["single_base"] == 5e6 and list(drawn[-1]["compare"]) == list(PAPER_LLAMA2_7B_BASES)
+    assert main(["--strategy", "uniform", "--num-bases", "8", "--target-length", "8192", "--abf-base", "1e6",
+                 "--plot", str(tmp_path / "u.png")]) == 0
+    assert drawn[-1]["single_base"] == 1e6 and drawn[-1]["compare"] is None
+    assert (tmp_path / "u.png").stat().st_size > 10_000 and "wrote" in capsys.readouterr().out
 
 
 def test_json_stays_json_with_a_plot(tmp_path, capsys):
@@ -81,7 +85,7 @@ def test_a_failed_plot_prints_nothing_and_leaves_nothing(tmp_path, capsys, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(plots, "plot_bases", full_disk)
-    assert main(["--bases", "1e4,2e4", "--target-length", "4096", "--plot", str(tmp_path / "b.png")]) == 2
+    assert main(["--bases", "1e4,2e4", "--target-length", "4096", "--plot", str(tmp_path / "b.png")]) == 1
     captured = capsys.readouterr()
-    assert "No space left on device" in captured.err and not captured.out
+    assert "no space left on the device" in captured.err and "b.png" in captured.err and not captured.out
     assert os.listdir(tmp_path) == []

@@ -16,7 +16,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE_REPO = "/workspace/megatron-harpe"
 # NGC PyTorch images moved to Ubuntu 24.04 and Python 3.12 with 25.01 (24.12 and earlier: Python 3.10).
 FIRST_PY312_NGC = (25, 1)

@@ -40,13 +40,8 @@ def _build(kind: str, root: Path) -> Path:
 
 
 def template(kind: str, root: Path) -> Path:
-    # Kept on disk, not only in _BUILT: this file is imported under two names (by test modules and by the misuse
-    # rows, which tests/test_misuse.py loads by path), and both must find the one session copy.
-    done = root / f".{kind}.built"
     if kind not in _BUILT:
-        if not done.exists():
-            _build(kind, root)
-            done.touch()
+        _build(kind, root)
         _BUILT[kind] = root / kind
     return _BUILT[kind]
 

@@ -13,15 +13,15 @@ from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
 from megatron_harpe.bases import select_bases
-from megatron_harpe.configs import LLAMA2_SHAPES
 from megatron_harpe.self_attention import HarpeSelfAttention
+from megatron_harpe.shape import SHAPES
 from meta_model import FakeProcessGroup, padded_vocab_size, rank_model, rank_parameter_count
 
-SHAPE = LLAMA2_SHAPES["70b"]
+SHAPE = SHAPES["70b"]
 TP = 8
 VOCAB = 32000
 
-# Llama-2-70B (Touvron et al. 2023), written out independently of megatron_harpe.configs.
+# Llama-2-70B (Touvron et al. 2023), written out independently of megatron_harpe.shape.
 H, LAYERS, HEADS, GROUPS, FFN = 8192, 80, 64, 8, 28672
 HEAD_DIM = H // HEADS  # 128
 # Megatron-LM pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) x TP.
@@ -72,8 +72,9 @@ def test_formulas_and_padding():
     assert VOCAB_PADDED == 32768
     assert padded_vocab_size(VOCAB, TP) == VOCAB_PADDED  # megatron's own vocab_size_with_padding
     assert padded_vocab_size(VOCAB, 1) == 32000
-    assert dict(SHAPE) == dict(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS,
-                               num_query_groups=GROUPS, ffn_hidden_size=FFN)
+    sizes = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size")
+    assert {k: getattr(SHAPE, k) for k in sizes} == dict(num_layers=LAYERS, hidden_size=H, num_attention_heads=HEADS,
+                                                         num_query_groups=GROUPS, ffn_hidden_size=FFN, vocab_size=VOCAB)
     assert layer_weights(TP)["self_attention.linear_qkv.weight"] == (1280, 8192)
     assert layer_weights(TP)["mlp.linear_fc1.weight"] == (7168, 8192)
 
@@ -136,10 +137,12 @@ def test_tp8_rank_holds_its_group_base(tp_rank, bases):
                                use_cpu_initialization=True, cp_group=FakeProcessGroup._create_internal(0, 1))
     assert torch.equal(rope.inv_freq[0], megatron.inv_freq)
 
-    # Materialized frequencies: 8 query heads and 1 key group on this rank, all with the group's base.
+    # Materialized frequencies (the unfused path's provider): 8 query heads and 1 key group on this rank, all with
+    # the group's base.
     seq = 16
-    rope.compact = False
-    query, key = rope(seq)
+    unfused = rank_model(SHAPE, tp=TP, pp=1, tp_rank=tp_rank, pp_rank=0, bases=bases, num_layers=1,
+                         harpe_rope_impl="unfused").rotary_pos_emb
+    query, key = unfused(seq)
     assert query.shape == (seq, 1, HEADS // TP, HEAD_DIM)
     assert key.shape == (seq, 1, GROUPS // TP, HEAD_DIM)
     angles = torch.outer(torch.arange(seq, dtype=torch.float32), plain)
@@ -149,12 +152,11 @@ def test_tp8_rank_holds_its_group_base(tp_rank, bases):
         assert torch.equal(query[:, 0, head], key[:, 0, 0])
 
     # Context parallelism 2: rank 1 holds chunks 1 and 2 of 4 (positions 4..11).
-    query_cp, key_cp = rope(seq, cp_group=FakeProcessGroup._create_internal(1, 2))
+    query_cp, key_cp = unfused(seq, cp_group=FakeProcessGroup._create_internal(1, 2))
     assert query_cp.shape == (seq // 2, 1, HEADS // TP, HEAD_DIM)
     assert torch.equal(key_cp[:, 0, 0], key[4:12, 0, 0])
 
-    # Compact form for HARPE's kernels: positions and the [groups_local, d/2] table.
-    rope.compact = True
+    # HARPE's kernels (the model's default path): positions and the [groups_local, d/2] table.
     positions, table = rope(seq)
     assert torch.equal(positions, torch.arange(seq, dtype=torch.float32))
     assert torch.equal(table, rope.inv_freq)

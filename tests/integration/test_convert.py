@@ -80,7 +80,7 @@ def test_bf16_round_trip_and_torch_layout(tmp_path, hf_dirs):
 
 def megatron_logits(root, tokens, allow_pickle=False):
     from megatron_harpe.cpu_compat import megatron_on_cpu
-    from megatron_harpe.training.checkpoint import load_model
+    from megatron_harpe.checkpoint_model import load_model
 
     model, args = load_model(str(root), allow_pickle=allow_pickle)
     with torch.no_grad(), megatron_on_cpu():
@@ -125,6 +125,23 @@ def test_harpe_export_runs_in_transformers(tmp_path, hf_dirs, megatron_single_pr
     # Round trip: the exported HARPE model converts back with its bases.
     assert hf_to_megatron(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "m2"), "--dtype", "fp32"]) == 0
     assert megatron_logits(tmp_path / "m2", tokens, allow_pickle=True)[1].harpe_bases == [1e4, 2.5e5, 7e5, 3e6]
+
+
+@pytest.mark.parametrize("flags", [["--harpe-strategy", "peak_valley", "--harpe-base-min", "1e4", "--harpe-base-max",
+                                    "4e4", "--harpe-stride", "2e3", "--harpe-target-length", "4096"],
+                                   ["--harpe-strategy", "uniform", "--harpe-descending"],
+                                   ["--harpe-bases", "4e4,1e4,3e4,2e4"]])
+def test_conversion_resolves_the_bases_as_the_trainer(tmp_path, hf_dirs, flags):
+    """The same base flags choose the same bases in conversion and in pretrain_harpe.py's parse."""
+    from megatron_harpe.checkpoint_layout import load_checkpoint_args
+    from megatron_harpe.megatron_args import parse_megatron_args
+    from utils import TINY_ARGV
+
+    assert hf_to_megatron(["--hf-dir", hf_dirs["mha"], "--out", str(tmp_path / "m"), "--format", "torch",
+                           "--seq-length", "64", *flags]) == 0
+    saved = load_checkpoint_args(str(tmp_path / "m")).harpe_bases
+    trainer = parse_megatron_args(TINY_ARGV + flags).harpe_bases  # the same 4 heads of width 16, --seq-length 64
+    assert saved == trainer and len(saved) == 4 and all(isinstance(b, float) for b in saved)
 
 
 def test_harpe_with_equal_bases_is_llama(tmp_path, hf_dirs):
@@ -175,7 +192,7 @@ def test_bad_inputs(tmp_path, hf_dirs, capsys):
     bad.mkdir()
     (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert convert(bad) == 1 and "is not a Llama" in capsys.readouterr().err
-    assert convert(hf_dirs["gqa"], "o", "--tp", "8") == 1
+    assert convert(hf_dirs["gqa"], "o", "--tp", "8") == 2  # a --tp the model cannot take: bad usage, as the trainer
     assert "TP=8 must divide" in capsys.readouterr().err
 
     broken = tmp_path / "broken"
