@@ -297,7 +297,9 @@ def test_readme_slurm_uses_what_the_sbatch_reads():
     assert {"CONTAINER_IMAGE", "CONTAINER_MOUNTS"} <= container_vars <= read_by_sbatch
     assert re.search(r"^REPO=\$\{REPO:-", sbatch, re.M), "the sbatch no longer takes REPO from the environment"
     assert '--container-workdir "$REPO"' in sbatch and "$REPO/examples/$SCRIPT" in sbatch
-    settings = set(re.findall(r"\$\{(\w+)", read("examples", "llama2_common.sh")))
+    from megatron_harpe.recipes import ENV_NAMES  # the launch settings (recipes.py reads them, not the shell)
+
+    settings = set(re.findall(r"\$\{(\w+)", read("examples", "llama2_common.sh"))) | set(ENV_NAMES)
     submits = [line for line in readme_shell() if re.search(r"\bsbatch\b", line) and "=" in line]
     assert submits
     for line in submits:
