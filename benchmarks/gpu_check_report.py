@@ -38,9 +38,9 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from typing import Callable, Optional
 
 # --- environment header --------------------------------------------------------------------------------------------
 
@@ -48,7 +48,7 @@ NO_CUDA = ("error: no CUDA GPU visible (torch.cuda.is_available() is False{why})
            "with a GPU, or pass --dry-run to print its commands")
 
 
-def _version(*dists: str) -> Optional[str]:
+def _version(*dists: str) -> str | None:
     for dist in dists:
         try:
             return metadata.version(dist)
@@ -156,7 +156,7 @@ def last_error(text: str, width: int = 200) -> str:
     return lines[-1][:width] if lines else "(empty log)"
 
 
-def parse_pytest(text: str) -> Optional[dict[str, int]]:
+def parse_pytest(text: str) -> dict[str, int] | None:
     """Counts from pytest's final summary line: {'passed': 2, 'skipped': 1, ...}; None without one."""
     counts = None
     for line in text.splitlines():
@@ -274,7 +274,7 @@ class Row:
     check: str
     status: str  # PASS | FAIL | SKIP
     numbers: str
-    seconds: Optional[int] = None
+    seconds: int | None = None
     log: str = ""
     data: dict = field(default_factory=dict)
 
@@ -295,7 +295,7 @@ def read_steps(outdir: str) -> list[Step]:
     return steps
 
 
-def _skipped(step: Step) -> Optional[Row]:
+def _skipped(step: Step) -> Row | None:
     if step.rc == -1:
         return Row(step.name, "SKIP", "not run (interrupted)", None, step.log)
     return None
@@ -342,7 +342,7 @@ def _rows_pytest_summary(step: Step, text: str) -> list[Row]:
 ROPE_TIME_TARGET, ROPE_BANDWIDTH_TARGET = 1.10, 0.70  # issue 3: <= 1.10x TE fused RoPE, >= 70 % of peak bandwidth
 
 
-def _ratio_text(label: str, ratio: Optional[float], target: Optional[float] = None) -> str:
+def _ratio_text(label: str, ratio: float | None, target: float | None = None) -> str:
     if target is None:
         return f"{label} {ratio:.2f}x"
     return f"{label} {ratio:.2f}x ({'met' if ratio <= target else 'MISSED'} <= {target:.2f})"
@@ -423,7 +423,7 @@ def rows_rope(step: Step, outdir: str, context: dict) -> list[Row]:
     return rows or [Row(step.name, "FAIL", "the JSON holds no rows", step.seconds, step.log)]
 
 
-def _gib(mib: Optional[float]) -> str:
+def _gib(mib: float | None) -> str:
     return "?" if mib is None else f"{mib / 1024:.1f} GiB"
 
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -222,7 +222,7 @@ def waveform_ripple(
     """
     if len(bases) == 0:
         raise ValueError("waveform_ripple needs at least one base")
-    table = _WaveformTable(sorted(set(float(b) for b in bases)), head_dim, target_length, num_points,
+    table = _WaveformTable(sorted({float(b) for b in bases}), head_dim, target_length, num_points,
                            samples_per_point)
     mean_waveform = np.mean([table.values[float(b)] for b in bases], axis=0)
     return float(np.abs(np.diff(mean_waveform)).sum())

@@ -9,7 +9,7 @@ status. Nothing here imports torch or megatron: ``--help`` stays fast.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 USAGE = 2
 FAILED = 1
@@ -20,7 +20,7 @@ class CommandError(Exception):
 
     exit_code = FAILED
 
-    def __init__(self, *args, exit_code: Optional[int] = None):
+    def __init__(self, *args, exit_code: int | None = None):
         super().__init__(*args)
         if exit_code is not None:
             self.exit_code = exit_code
@@ -43,7 +43,7 @@ def report(error: BaseException, exit_code: int) -> int:
     return exit_code
 
 
-def run_command(body: Callable[[], Optional[int]], *, usage: tuple[type[BaseException], ...] = (),
+def run_command(body: Callable[[], int | None], *, usage: tuple[type[BaseException], ...] = (),
                 failures: tuple[type[BaseException], ...] = ()) -> int:
     """``body()``'s status (None: 0). A :class:`CommandError` exits with its own code; the exception types in
     ``usage`` / ``failures`` (other libraries' errors a command expects, e.g. ``FileNotFoundError``) with 2 / 1."""

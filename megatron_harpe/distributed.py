@@ -6,10 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable
 
 import torch
 import torch.multiprocessing as mp

@@ -7,7 +7,6 @@ calls), the compact engine, conversion and evaluation all build through it.
 from __future__ import annotations
 
 import argparse
-from typing import Optional
 
 import torch
 
@@ -67,7 +66,7 @@ def _announce(impl: str, bases, args: argparse.Namespace) -> None:
 
 
 def build_model(args: argparse.Namespace, pre_process: bool = True, post_process: bool = True, *,
-                vp_stage: Optional[int] = None, config: Optional[TransformerConfig] = None, pg_collection=None):
+                vp_stage: int | None = None, config: TransformerConfig | None = None, pg_collection=None):
     if config is None:
         from megatron.training.arguments import core_transformer_config_from_args
 

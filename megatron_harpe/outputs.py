@@ -25,8 +25,8 @@ import socket
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 from megatron_harpe.command import RunError
 
@@ -55,7 +55,7 @@ class DiskFullError(OutputError):
 
 # --- where an output may go --------------------------------------------------------------------------------------
 
-def refuse_overlap(out: str, inputs: Mapping[str, Optional[str]], out_flag: str = "--out") -> None:
+def refuse_overlap(out: str, inputs: Mapping[str, str | None], out_flag: str = "--out") -> None:
     """Refuse ``out`` equal to, inside, or above (an ancestor of) any input: replacing it would destroy the input.
 
     ``inputs`` maps a flag name (for the message) to a path; ``None`` entries are skipped. Symlinks are resolved.
@@ -81,7 +81,7 @@ def _is_within(path: str, ancestor: str) -> bool:
     return os.path.commonpath([path, ancestor]) == ancestor and path != ancestor
 
 
-def _entries(root: str) -> List[str]:
+def _entries(root: str) -> list[str]:
     """Every file, directory and link under ``root`` (relative, '/'-separated), the bookkeeping files excepted."""
     found = []
     for parent, dirs, files in os.walk(root):
@@ -93,7 +93,7 @@ def _entries(root: str) -> List[str]:
     return sorted(found)
 
 
-def _read_manifest(path: str) -> Optional[dict]:
+def _read_manifest(path: str) -> dict | None:
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)
@@ -102,10 +102,10 @@ def _read_manifest(path: str) -> Optional[dict]:
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("entries"), list) else None
 
 
-def _foreign_entries(path: str, manifest: dict) -> List[str]:
+def _foreign_entries(path: str, manifest: dict) -> list[str]:
     """Entries of ``path`` the manifest does not list, outermost only (a foreign folder, not all its files)."""
     ours = set(manifest["entries"])
-    foreign: List[str] = []
+    foreign: list[str] = []
     for entry in _entries(path):
         if entry not in ours and not any(entry.startswith(f + "/") for f in foreign):
             foreign.append(entry)
@@ -158,7 +158,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_staging(parent: str) -> List[str]:
+def sweep_stale_staging(parent: str) -> list[str]:
     """Remove staging directories in ``parent`` whose owner process died on this host (SIGKILL, a node reboot).
 
     Only directories carrying our owner record are considered; another host's, a live process's, or one without
@@ -233,9 +233,9 @@ class _SignalGuard:
     inside :meth:`deferred` they are held until the end (a rename into place must not be cut in half)."""
 
     def __init__(self):
-        self.previous: Dict[int, object] = {}
+        self.previous: dict[int, object] = {}
         self.deferring = False
-        self.pending: Optional[int] = None
+        self.pending: int | None = None
         self.owner = os.getpid()
 
     def _handle(self, signum, frame):
@@ -338,7 +338,7 @@ def _disk_full_error(path: str, exc: BaseException) -> DiskFullError:
 
 @contextmanager
 def atomic_output_dir(path: str, force: bool = False, *, tool: str = "megatron-harpe",
-                      inputs: Optional[Mapping[str, Optional[str]]] = None):
+                      inputs: Mapping[str, str | None] | None = None):
     """Yield a staging directory that becomes ``path`` only if the block completes.
 
     An existing non-empty ``path`` is refused unless ``force``, and even then unless its manifest lists everything
@@ -413,7 +413,7 @@ def atomic_output_files(paths: Sequence[str], force: bool = False, *, flag: str 
         with guard.deferred():
             staging = _make_staging(parent, PARTIAL)
         try:
-            staged: Dict[str, str] = {p: os.path.join(staging, os.path.basename(p)) for p in paths}
+            staged: dict[str, str] = {p: os.path.join(staging, os.path.basename(p)) for p in paths}
             yield staged
             umask = _umask()
             with guard.deferred():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -28,7 +28,7 @@ def _save(fig, path: str) -> str:
 
 
 def plot_bases(bases: Sequence[float], path: str, *, head_dim: int, target_length: int,
-               single_base: Optional[float] = None, compare: Optional[Sequence[float]] = None,
+               single_base: float | None = None, compare: Sequence[float] | None = None,
                compare_label: str = "paper Table 2", title: str = "HARPE bases") -> str:
     """Write a PNG: waveforms per head and averaged (against one ABF base), and the base of each head."""
     plt = _pyplot()

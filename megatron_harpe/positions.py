@@ -15,7 +15,6 @@ computes them once per ``cu_seqlens`` tensor.
 from __future__ import annotations
 
 import weakref
-from typing import Optional
 
 import torch
 
@@ -86,7 +85,7 @@ def _check_packed_lengths(bounds: torch.Tensor, cp_size: int) -> None:
 
 
 def packed_local_coordinates(
-    cu_seqlens_padded: torch.Tensor, cp_rank: int, cp_size: int, num_tokens: Optional[int] = None
+    cu_seqlens_padded: torch.Tensor, cp_rank: int, cp_size: int, num_tokens: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each token a CP rank holds of a packed (THD) batch: ``(sequence id, position in sequence)``.
 
@@ -121,7 +120,7 @@ class _PackedCoordinatesMemo:
     """
 
     def __init__(self) -> None:
-        self._cu: Optional[weakref.ref] = None
+        self._cu: weakref.ref | None = None
         self._version = -1
         self._entries: dict = {}
 

@@ -347,7 +347,7 @@ def shell_lines(launch: Launch) -> list[str]:
     if launch.rope_base is not None:
         values["ROPE_BASE"] = launch.rope_base
     lines = [f"{k}={shlex.quote(str(v))}" for k, v in values.items()]
-    return lines + ["ARGS=( " + " ".join(shlex.quote(f) for f in launch.flags) + " )"]
+    return lines + ["ARGS=( " + shlex.join(launch.flags) + " )"]
 
 
 def build_parser() -> argparse.ArgumentParser:

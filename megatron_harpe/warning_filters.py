@@ -12,7 +12,6 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -72,7 +71,7 @@ def _drop_log_records(logger_name: str, pattern: str) -> None:
         logger.addFilter(_DropMessage(pattern))
 
 
-def filter_unactionable_warnings(gpu: Optional[bool] = None) -> None:
+def filter_unactionable_warnings(gpu: bool | None = None) -> None:
     """Hide the warnings of :data:`RULES` (idempotent). ``gpu``: whether this machine has one (default: probe it)."""
     gpu = has_nvidia_gpu() if gpu is None else gpu
     for rule in RULES:

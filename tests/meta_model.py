@@ -25,9 +25,9 @@ How the parallel world is faked, without 8 processes and without touching global
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
-from typing import Optional, Sequence
 
 import torch
 from torch.testing._internal.distributed.fake_pg import FakeProcessGroup, FakeStore
@@ -88,8 +88,8 @@ def _torch_distributed_initialized():
         torch.distributed.destroy_process_group()
 
 
-def rank_model(shape: LlamaShape, *, tp: int, pp: int, tp_rank: int, pp_rank: int, bases: Optional[Sequence[float]] = None,
-               vocab_size: int = 32000, num_layers: Optional[int] = None, harpe_rope_impl: str = "auto",
+def rank_model(shape: LlamaShape, *, tp: int, pp: int, tp_rank: int, pp_rank: int, bases: Sequence[float] | None = None,
+               vocab_size: int = 32000, num_layers: int | None = None, harpe_rope_impl: str = "auto",
                **config_overrides) -> HarpeGPTModel:
     """The ``HarpeGPTModel`` that rank (tp_rank, pp_rank) of a TP x PP layout holds, with parameters on meta.
 

@@ -13,9 +13,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -35,10 +35,10 @@ class Misuse:
     name: str
     argv: Sequence[str]
     message: str  # a regular expression that must appear in stderr (or stdout) - the "what to do" part
-    entry: Optional[str] = None
-    setup: Optional[Callable[[Path, Callable[[str], object]], Dict[str, str]]] = None  # (tmp, getfixturevalue)
-    exit_code: Optional[int] = None  # None: any non-zero status
-    env: Dict[str, str] = field(default_factory=dict)
+    entry: str | None = None
+    setup: Callable[[Path, Callable[[str], object]], dict[str, str]] | None = None  # (tmp, getfixturevalue)
+    exit_code: int | None = None  # None: any non-zero status
+    env: dict[str, str] = field(default_factory=dict)
     # Paths (formatted like argv) whose whole tree must be byte-for-byte what it was; tmp is always checked.
     unchanged: Sequence[str] = ()
     timeout: float = 120.0
@@ -48,9 +48,9 @@ class Misuse:
         return f"{self.finding}-{self.name}"
 
 
-def tree_snapshot(path: Path) -> Dict[str, str]:
+def tree_snapshot(path: Path) -> dict[str, str]:
     """{relative path: content digest, or 'dir'/'link'} for every entry under ``path`` (hidden ones too)."""
-    snap: Dict[str, str] = {}
+    snap: dict[str, str] = {}
     if not path.exists():
         return snap
     if path.is_file():
@@ -72,7 +72,7 @@ class Outcome:
     output: str
 
 
-def _run_in_process(entry: str, argv: List[str], capsys) -> Outcome:
+def _run_in_process(entry: str, argv: list[str], capsys) -> Outcome:
     module, function = entry.split(":")
     main = getattr(importlib.import_module(module), function)
     capsys.readouterr()
@@ -84,7 +84,7 @@ def _run_in_process(entry: str, argv: List[str], capsys) -> Outcome:
     return Outcome(int(code or 0), out.err + out.out)
 
 
-def _run_subprocess(case: Misuse, argv: List[str], tmp: Path) -> Outcome:
+def _run_subprocess(case: Misuse, argv: list[str], tmp: Path) -> Outcome:
     # A user's shell, not this test process's: in-process tests leave torch.distributed's rendezvous variables
     # (MASTER_PORT of a store this process still serves) in os.environ.
     env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS}

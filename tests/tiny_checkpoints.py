@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict
 
-_BUILT: Dict[str, Path] = {}
+_BUILT: dict[str, Path] = {}
 
 
 def make_hf(path: Path, seed: int = 0) -> Path:

@@ -6,8 +6,8 @@ import glob
 import gzip
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
 
 from megatron_harpe.command import RunError
 
@@ -22,7 +22,7 @@ def is_jsonl(path: str) -> bool:
     return path.endswith(JSONL_SUFFIXES)
 
 
-def expand_inputs(pattern: str) -> List[str]:
+def expand_inputs(pattern: str) -> list[str]:
     """Files named by ``pattern``: a file, a glob, or a directory (every file under it), in sorted order."""
     if os.path.isdir(pattern):
         paths = sorted(os.path.join(root, name) for root, _, names in os.walk(pattern) for name in names
@@ -48,7 +48,7 @@ class Chunk:
 
     path: str
     first_line: int
-    lines: List[bytes]
+    lines: list[bytes]
     jsonl: bool
     nbytes: int
 
@@ -71,7 +71,7 @@ def read_chunks(paths: Sequence[str], chunk_bytes: int = 1 << 20) -> Iterator[Ch
                 line_no += len(lines)
 
 
-def parse_record(raw: bytes, jsonl: bool, keys: Sequence[str]) -> Tuple[dict, str]:
+def parse_record(raw: bytes, jsonl: bool, keys: Sequence[str]) -> tuple[dict, str]:
     """``({key: text or list of texts}, "")`` for a good record; ``(None, reason)`` for a malformed one;
     ``({}, "")`` for a blank line (skipped silently, as blank lines at the end of JSONL files are common)."""
     try:

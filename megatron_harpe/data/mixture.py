@@ -57,7 +57,7 @@ class MixtureSpec:
     seed: int = 1234
 
     @classmethod
-    def from_json(cls, path: str) -> "MixtureSpec":
+    def from_json(cls, path: str) -> MixtureSpec:
         """A spec file; its ``weights`` override the defaults source by source, like ``--weight``."""
         try:
             with open(path) as f:

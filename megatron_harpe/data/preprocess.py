@@ -19,8 +19,8 @@ import multiprocessing
 import os
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -42,8 +42,8 @@ class PreprocessError(RunError, RuntimeError):
 @dataclass
 class EncodedKey:
     tokens: np.ndarray                 # all tokens of the chunk's documents, EOD included
-    sequence_lengths: List[int]        # one per sentence (per document without --split-sentences)
-    sequences_per_document: List[int]
+    sequence_lengths: list[int]        # one per sentence (per document without --split-sentences)
+    sequences_per_document: list[int]
 
 
 @dataclass
@@ -51,13 +51,13 @@ class EncodedChunk:
     path: str
     nbytes: int
     documents: int = 0
-    keys: Dict[str, EncodedKey] = field(default_factory=dict)
-    bad_lines: List[Tuple[int, str]] = field(default_factory=list)
+    keys: dict[str, EncodedKey] = field(default_factory=dict)
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass
 class EncodeSettings:
-    keys: List[str]
+    keys: list[str]
     append_eod: bool
     eod: int
     dtype: type
@@ -147,17 +147,17 @@ def _ordered_map(function, items: Iterable, workers: int) -> Iterator:
 
 @dataclass
 class PreprocessResult:
-    outputs: Dict[str, str]            # key -> path prefix of its .bin/.idx
+    outputs: dict[str, str]            # key -> path prefix of its .bin/.idx
     documents: int
-    tokens: Dict[str, int]
-    sequences: Dict[str, int]
+    tokens: dict[str, int]
+    sequences: dict[str, int]
     bad_lines: int
     seconds: float
     encoder: str
-    splitter: Optional[str] = None
+    splitter: str | None = None
 
 
-def _punkt_training_texts(paths: List[str], keys: List[str]) -> Iterator[str]:
+def _punkt_training_texts(paths: list[str], keys: list[str]) -> Iterator[str]:
     """The first few MB of the corpus' text, to train punkt on when nltk has no installed model."""
     budget = PUNKT_TRAINING_BYTES
     for chunk in read_chunks(paths):
@@ -171,7 +171,7 @@ def _punkt_training_texts(paths: List[str], keys: List[str]) -> Iterator[str]:
                         return
 
 
-def output_prefixes(output_prefix: str, keys: List[str], split_sentences: bool) -> Dict[str, str]:
+def output_prefixes(output_prefix: str, keys: list[str], split_sentences: bool) -> dict[str, str]:
     level = "sentence" if split_sentences else "document"
     return {key: f"{output_prefix}_{key}_{level}" for key in keys}
 
@@ -240,7 +240,7 @@ def preprocess(args: argparse.Namespace, progress: bool = True) -> PreprocessRes
                             splitter=splitter_name)
 
 
-def _refuse_empty(source: str, documents: int, tokens: Dict[str, int], skipped: int) -> None:
+def _refuse_empty(source: str, documents: int, tokens: dict[str, int], skipped: int) -> None:
     """A dataset without a token trains on nothing (Megatron fails much later, far from the cause): refuse it."""
     if documents == 0:
         raise PreprocessError(f"--input {source}: no documents (the input is empty or only blank lines"

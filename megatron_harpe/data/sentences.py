@@ -8,7 +8,7 @@ trained on the input itself (unsupervised, as punkt was designed to be), which l
 from __future__ import annotations
 
 import logging
-from typing import Iterable, List, Tuple
+from collections.abc import Iterable
 
 from nltk.tokenize.punkt import PunktLanguageVars, PunktParameters, PunktSentenceTokenizer, PunktTrainer
 
@@ -80,7 +80,7 @@ def train_punkt_parameters(texts: Iterable[str]) -> PunktParameters:
     return trainer.get_params()
 
 
-def punkt_parameters(lang: str, training_texts: Iterable[str]) -> Tuple[PunktParameters, str]:
+def punkt_parameters(lang: str, training_texts: Iterable[str]) -> tuple[PunktParameters, str]:
     """Installed parameters for ``lang`` if nltk has them, else trained on ``training_texts``; and where they came from."""
     params = installed_punkt_parameters(lang)
     if params is not None:
@@ -96,6 +96,6 @@ class SentenceSplitter:
         lang_vars = NewlineKeepingLanguageVars() if keep_newlines else UntimedLanguageVars()
         self.punkt = PunktSentenceTokenizer(params, lang_vars=lang_vars)
 
-    def split(self, text: str) -> List[str]:
+    def split(self, text: str) -> list[str]:
         return [sentence for start in range(0, len(text), SPLIT_WINDOW)
                 for sentence in self.punkt.tokenize(text[start:start + SPLIT_WINDOW])]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -32,7 +32,7 @@ _ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "St.", "Prof.", "e.g.", "i.e.", "etc.", 
 _NAMES = ("Smith", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Alvarez", "Novak", "Brennan")
 
 
-def _vocabulary(rng: np.random.Generator, size: int = 1500) -> List[str]:
+def _vocabulary(rng: np.random.Generator, size: int = 1500) -> list[str]:
     words = list(_COMMON)
     while len(words) < size:
         words.append("".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))))
@@ -50,7 +50,7 @@ class FillerText:
         self._cdf /= self._cdf[-1]
         self._capitalized = [w[0].upper() + w[1:] for w in self.words]
 
-    def _sentences(self, n_words: int) -> List[str]:
+    def _sentences(self, n_words: int) -> list[str]:
         """Sentences totalling at least ``n_words`` words, drawn in bulk (a document of 100k words in ~0.1 s)."""
         rng = self.rng
         lengths = rng.integers(6, 22, size=n_words // 6 + 1)
@@ -100,7 +100,7 @@ SOURCE_LENGTHS = {
 
 
 def source_documents(source: str, n_docs: int, *, seed: int = 0, length_scale: float = 1.0,
-                     max_words: Optional[int] = None) -> Iterator[dict]:
+                     max_words: int | None = None) -> Iterator[dict]:
     """JSONL records ``{"text", "source", "id"}`` with ``source``'s document-length distribution."""
     median, sigma = SOURCE_LENGTHS[source]
     filler = FillerText(seed)
@@ -143,24 +143,24 @@ LWM_CITIES = ("Chicago", "Yangon", "Antananarivo", "Colombo", "Almaty", "Sydney"
 class RetrievalSample:
     """A long context with one fact hidden at ``depth`` (0 = start, 1 = end of the haystack)."""
 
-    input_ids: List[int]       # context + question, ready for the model; the answer follows it
+    input_ids: list[int]       # context + question, ready for the model; the answer follows it
     answer: str
-    answer_ids: List[int]
+    answer_ids: list[int]
     depth: float
     needle_position: int       # token index where the needle starts
     kind: str
 
 
-def _insert(haystack: List[int], needle: List[int], depth: float, is_sentence_end: Callable[[int], bool]) -> tuple:
+def _insert(haystack: list[int], needle: list[int], depth: float, is_sentence_end: Callable[[int], bool]) -> tuple:
     """Insert ``needle`` after the last sentence end at or before ``depth`` of the haystack (as Kamradt's NIAH)."""
     target = int(round(depth * len(haystack)))
     at = next((i for i in range(target, 0, -1) if is_sentence_end(haystack[i - 1])), 0)
     return haystack[:at] + needle + haystack[at:], at
 
 
-def _haystack(encode, filler_text: Callable[[], str], n_tokens: int) -> List[int]:
+def _haystack(encode, filler_text: Callable[[], str], n_tokens: int) -> list[int]:
     """Exactly ``n_tokens`` of filler, cut at the start so that it ends on a whole sentence before the question."""
-    ids: List[int] = []
+    ids: list[int] = []
     while len(ids) < n_tokens:
         ids.extend(encode(filler_text()))
     return ids[len(ids) - n_tokens:]
@@ -192,8 +192,8 @@ def passkey_sample(encode, decode, *, context_tokens: int, depth: float, passkey
 
 
 def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: int = 0, style: str = "classic",
-                  needle: Optional[Tuple[str, str, str]] = None,
-                  haystack: Optional[Callable[[], str]] = None) -> RetrievalSample:
+                  needle: tuple[str, str, str] | None = None,
+                  haystack: Callable[[], str] | None = None) -> RetrievalSample:
     """Needle-in-a-Haystack on synthetic filler prose (or ``haystack()``, called for text until it is long enough).
 
     ``classic``: Kamradt's San Francisco needle and question. ``ruler``: RULER's single-needle form, a

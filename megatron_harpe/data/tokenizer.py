@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from megatron_harpe.command import RunError
 
@@ -100,7 +100,7 @@ def add_megatron_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.Arg
     return parser
 
 
-def tokenizer_namespace(tokenizer_type: str, tokenizer_model: Optional[str] = None, **overrides) -> argparse.Namespace:
+def tokenizer_namespace(tokenizer_type: str, tokenizer_model: str | None = None, **overrides) -> argparse.Namespace:
     """Megatron-LM's tokenizer flags at their defaults, plus what its preprocess_data.py sets by hand."""
     from megatron.training.arguments import _add_tokenizer_args
 
@@ -143,7 +143,7 @@ def sentencepiece_processor(tokenizer):
     return inner.tokenizer
 
 
-def text_encoder(tokenizer, tokenizer_model: Optional[str]) -> Tuple[Callable[[Sequence[str]], List[List[int]]], str]:
+def text_encoder(tokenizer, tokenizer_model: str | None) -> tuple[Callable[[Sequence[str]], list[list[int]]], str]:
     """The fastest ``texts -> [tokenizer.tokenize(t) for t in texts]`` that is exact for this tokenizer, and its name."""
     processor = sentencepiece_processor(tokenizer)
     if processor is not None:
@@ -154,7 +154,7 @@ def text_encoder(tokenizer, tokenizer_model: Optional[str]) -> Tuple[Callable[[S
     return (lambda texts: [tokenizer.tokenize(text) for text in texts]), f"{type(tokenizer).__name__}.tokenize"
 
 
-def word_cache_exactness(model_path: str) -> Tuple[bool, str]:
+def word_cache_exactness(model_path: str) -> tuple[bool, str]:
     """Whether word-by-word encoding equals whole-text encoding for this sentencepiece model, and why not."""
     import sentencepiece
     from sentencepiece import sentencepiece_model_pb2
@@ -198,12 +198,12 @@ class WordCacheEncoder:
         self.max_words = max_words
 
     @staticmethod
-    def words(text: str) -> List[str]:
+    def words(text: str) -> list[str]:
         if "  " in text or text[:1] == " " or text[-1:] == " ":
             return _WORD_BOUNDARY.split(text)
         return text.split(" ")
 
-    def encode_words(self, texts_as_words: Sequence[List[str]]) -> None:
+    def encode_words(self, texts_as_words: Sequence[list[str]]) -> None:
         """Make sure every word of ``texts_as_words`` is in the cache (one batched sentencepiece call)."""
         words = set().union(*texts_as_words)
         missing = words.difference(self.cache.keys())
@@ -214,13 +214,13 @@ class WordCacheEncoder:
             missing = list(missing)
             self.cache.update(zip(missing, map(tuple, self.processor.encode(missing))))
 
-    def encode(self, texts: Sequence[str]) -> List[List[int]]:
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
         words = [self.words(text) for text in texts]
         self.encode_words(words)
         lookup = self.cache.__getitem__
         return [list(chain.from_iterable(map(lookup, w))) for w in words]
 
-    def encode_one(self, text: str) -> List[int]:
+    def encode_one(self, text: str) -> list[int]:
         return self.encode([text])[0]
 
 

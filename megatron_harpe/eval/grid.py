@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Callable, Dict, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # compare_niah reads results without torch
     from megatron_harpe.eval.model import EvalModel
 
 # make_sample(length, coordinate) -> (prompt ids without BOS, expected answer, extra fields for the record)
-SampleFn = Callable[[int, float], Tuple[List[int], str, dict]]
+SampleFn = Callable[[int, float], tuple[list[int], str, dict]]
 
 
 def cell_key(length: int, coordinate: float) -> str:
@@ -104,7 +105,7 @@ def score_grid(results: dict, lengths: Sequence[int], coordinates: Sequence[floa
     return grid
 
 
-def write_json(results: Dict, path: str) -> None:
+def write_json(results: dict, path: str) -> None:
     """Replace ``path`` in one rename: a reader (or a resumed run) sees the old file or the new one, never half."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)

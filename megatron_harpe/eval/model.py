@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional
 
 import torch
 
@@ -30,13 +30,13 @@ class ModelLoadError(RunError, ValueError):
 @dataclass
 class EvalModel:
     model: torch.nn.Module
-    encode: Callable[[str], List[int]]     # text -> ids, no special tokens
-    decode: Callable[[List[int]], str]
+    encode: Callable[[str], list[int]]     # text -> ids, no special tokens
+    decode: Callable[[list[int]], str]
     bos_id: int
     device: torch.device
 
     @torch.no_grad()
-    def generate(self, prompts: List[List[int]], max_new_tokens: int) -> List[str]:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         """Greedy continuations of equally long prompts (a batch), decoded."""
         ids = torch.tensor(prompts, device=self.device)
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -49,7 +49,7 @@ def _sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def _read_json(path: str) -> Optional[dict]:
+def _read_json(path: str) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
@@ -62,7 +62,7 @@ def _read_json(path: str) -> Optional[dict]:
     return config
 
 
-def code_references(config: dict) -> List[str]:
+def code_references(config: dict) -> list[str]:
     """The ``module.Class`` references of a config's ``auto_map`` (tokenizer entries are [slow, fast] pairs)."""
     def flatten(value) -> Iterator[str]:
         if isinstance(value, str):

@@ -8,8 +8,9 @@ NIAH is scored with ``scoring.string_match_all``, passkey with ``scoring.passkey
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,11 +24,11 @@ if TYPE_CHECKING:  # the settings are built, and old results checked, before tor
 
 @dataclass
 class NiahSettings:
-    lengths: List[int]
-    depths: List[float]
+    lengths: list[int]
+    depths: list[float]
     style: str = "classic"                  # classic (San Francisco) | ruler (magic number, single needle)
-    needle: Optional[List[str]] = None     # [needle, question, answer] instead of the style's
-    haystack_file: Optional[str] = None     # default: the built-in synthetic filler
+    needle: list[str] | None = None     # [needle, question, answer] instead of the style's
+    haystack_file: str | None = None     # default: the built-in synthetic filler
     max_new_tokens: int = 32
     batch_size: int = 1
     seed: int = 0
@@ -59,7 +60,7 @@ def run_niah(model: EvalModel, settings: NiahSettings, results_path: str, progre
 
 @dataclass
 class PasskeySettings:
-    lengths: List[int]
+    lengths: list[int]
     trials: int = 5                         # pass keys per length, hidden at evenly spaced depths
     max_new_tokens: int = 8
     batch_size: int = 1

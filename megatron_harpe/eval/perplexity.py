@@ -7,7 +7,6 @@ tokens not scored before, so every token (after the first) is predicted from up 
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 
@@ -15,7 +14,7 @@ from megatron_harpe.eval.model import EvalModel
 
 
 @torch.no_grad()
-def sliding_window_perplexity(model: EvalModel, ids: List[int], context_length: int, stride: int = 256) -> float:
+def sliding_window_perplexity(model: EvalModel, ids: list[int], context_length: int, stride: int = 256) -> float:
     if len(ids) < 2:
         raise ValueError("the text is too short to score: give at least two tokens")
     tokens = torch.tensor(ids, device=model.device)

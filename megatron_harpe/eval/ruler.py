@@ -24,8 +24,8 @@ essays, which cannot be downloaded offline; ``--haystack-file`` takes any text).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,12 +46,12 @@ PAPER_TABLE_4 = {"HARPE": 86.82, "multi-stage ABF": 81.36, "single-stage ABF": 7
 
 @dataclass
 class RulerSample:
-    input_ids: List[int]
-    answers: List[str]
+    input_ids: list[int]
+    answers: list[str]
 
 
 class _Draw:
-    def __init__(self, rng: np.random.Generator, words: List[str]):
+    def __init__(self, rng: np.random.Generator, words: list[str]):
         self.rng, self.words = rng, words
 
     def key(self, kind: str) -> str:
@@ -63,8 +63,8 @@ class _Draw:
         return self.key("uuids") if kind == "uuids" else str(int(self.rng.integers(1_000_000, 10_000_000)))
 
 
-def ruler_sample(task: str, encode: Callable[[str], List[int]], decode: Callable[[List[int]], str], *,
-                 context_tokens: int, seed: int, haystack_text: Optional[Callable[[], str]] = None) -> RulerSample:
+def ruler_sample(task: str, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], *,
+                 context_tokens: int, seed: int, haystack_text: Callable[[], str] | None = None) -> RulerSample:
     """One sample of ``task`` of exactly ``context_tokens`` tokens (BOS not included)."""
     if task not in TASKS:
         raise ValueError(f"unknown RULER task {task!r}: choose from {', '.join(TASKS)}")
@@ -92,7 +92,7 @@ def ruler_sample(task: str, encode: Callable[[str], List[int]], decode: Callable
     if budget < 1:
         raise ValueError(f"context_tokens={context_tokens} is too short for RULER task {task} "
                          f"({context_tokens - budget} tokens of instructions and needles): ask for a longer context")
-    ids: List[int] = []
+    ids: list[int] = []
     while len(ids) < budget:
         ids.extend(encode(text()))
     ids = ids[len(ids) - budget:]
@@ -106,14 +106,14 @@ def ruler_sample(task: str, encode: Callable[[str], List[int]], decode: Callable
     return RulerSample(input_ids=fixed[0] + ids + fixed[1], answers=answers)
 
 
-def table(results: dict, lengths: List[int]) -> Tuple[List[str], np.ndarray]:
+def table(results: dict, lengths: list[int]) -> tuple[list[str], np.ndarray]:
     """Scores (percent) per task and length, with the per-length average as the last row (the paper's Table 4)."""
     tasks = list(results)
     grid = np.array([[100 * results[t]["mean_by_length"][str(L)] for L in lengths] for t in tasks])
     return tasks + ["average"], np.vstack([grid, grid.mean(axis=0, keepdims=True)])
 
 
-def ruler_settings(task: str, lengths: List[int], samples: int, max_new_tokens: int, seed: int,
+def ruler_settings(task: str, lengths: list[int], samples: int, max_new_tokens: int, seed: int,
                    haystack_from_file: bool) -> dict:
     """What a task's results file records (and a resumed run must match)."""
     return {"suite": "ruler", "task": task, "lengths": list(lengths), "samples": samples,
@@ -126,8 +126,8 @@ def results_file(out_dir: str, task: str) -> str:
     return os.path.join(out_dir, f"ruler_{task}.json")
 
 
-def run_ruler(model, tasks: List[str], lengths: List[int], samples: int, out_dir: str, *, max_new_tokens: int = 64,
-              batch_size: int = 1, haystack_text: Optional[Callable[[], str]] = None, seed: int = 0,
+def run_ruler(model, tasks: list[str], lengths: list[int], samples: int, out_dir: str, *, max_new_tokens: int = 64,
+              batch_size: int = 1, haystack_text: Callable[[], str] | None = None, seed: int = 0,
               progress: bool = True, force: bool = False) -> dict:
     """Every task at every length, ``samples`` samples each, on the resumable grid; ``{task: results}``."""
     from megatron_harpe.eval.grid import run_grid

@@ -8,10 +8,10 @@
 from __future__ import annotations
 
 import re
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 
-def string_match_all(output: str, expected: Union[str, Sequence[str]]) -> float:
+def string_match_all(output: str, expected: str | Sequence[str]) -> float:
     expected = [expected] if isinstance(expected, str) else list(expected)
     if not expected:
         raise ValueError("nothing to match: give at least one expected string")
@@ -19,6 +19,6 @@ def string_match_all(output: str, expected: Union[str, Sequence[str]]) -> float:
     return sum(e.lower() in text for e in expected) / len(expected)
 
 
-def passkey_score(output: str, passkey: Union[int, str]) -> float:
+def passkey_score(output: str, passkey: int | str) -> float:
     found = re.search(r"\d+", output)
     return float(found is not None and found.group(0) == str(passkey))

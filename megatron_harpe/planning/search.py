@@ -10,8 +10,8 @@ the DP reduce-scatter / all-gather hides behind one micro-batch's backward and f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from megatron_harpe.planning.communication import CommVolume, comm_volume, group_spans
 from megatron_harpe.planning.memory import Layout, MemoryEstimate, estimate_memory

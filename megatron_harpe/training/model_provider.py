@@ -3,15 +3,14 @@ global args."""
 
 from __future__ import annotations
 
-from typing import Optional
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_harpe.model_from_args import build_model
 
 
-def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None,
-                   config: Optional[TransformerConfig] = None, pg_collection=None):
+def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None,
+                   config: TransformerConfig | None = None, pg_collection=None):
     """``megatron.training.pretrain``'s model provider."""
     from megatron.training import get_args
 

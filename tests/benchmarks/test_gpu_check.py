@@ -356,17 +356,17 @@ def test_megatron_still_logs_the_formats_parsed():
 def iteration_line(iteration, train_iters, ms, loss, tflops=250.0, batch=2):
     """training_log's line, built with its format strings (megatron-core 0.19.2)."""
     log_string = f" [{datetime(2026, 11, 29, 12, 0, iteration).strftime('%Y-%m-%d %H:%M:%S.%f')}]"
-    log_string += ' iteration {:8d}/{:8d} |'.format(iteration, train_iters)
-    log_string += ' consumed samples: {:12d} |'.format(iteration * batch)
-    log_string += ' elapsed time per iteration (ms): {:.1f} |'.format(ms)
+    log_string += f' iteration {iteration:8d}/{train_iters:8d} |'
+    log_string += f' consumed samples: {iteration * batch:12d} |'
+    log_string += f' elapsed time per iteration (ms): {ms:.1f} |'
     log_string += f' throughput per GPU (TFLOP/s/GPU): {tflops:.1f} |'
     log_string += f' learning rate: {2e-5:.6E} |'
     log_string += f' global batch size: {batch:5d} |'
     log_string += ' {}: {:.6E} |'.format("lm loss", loss)
     log_string += f' loss scale: {1.0:.1f} |'
     log_string += f' grad norm: {3.217:.3f} |'
-    log_string += ' number of skipped iterations: {:3d} |'.format(0)
-    log_string += ' number of nan iterations: {:3d} |'.format(0)
+    log_string += f' number of skipped iterations: {0:3d} |'
+    log_string += f' number of nan iterations: {0:3d} |'
     return log_string
 
 
@@ -377,7 +377,7 @@ def memory_line(iteration, allocated, max_allocated, reserved, max_reserved):
     string += f" | max allocated: {max_allocated:.2f}"
     string += f" | reserved: {reserved:.2f}"
     string += f" | max reserved: {max_reserved:.2f}"
-    return "[Rank {}] {}".format(0, string)
+    return f"[Rank {0}] {string}"
 
 
 SPEC_LOCAL = "layer spec: local (megatron's local layer spec with the torch-SDPA core attention)"

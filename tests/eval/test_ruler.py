@@ -68,7 +68,7 @@ def test_ruler_suite_command(tmp_path, tiny_model_dir, monkeypatch, capsys):
         for prompt in prompts:
             text = self.decode(prompt)
             asked = re.search(r"What are all the special magic \w+ for (.+?) mentioned", text).group(1)
-            keys = [k for k in re.split(r", and |, ", asked)]
+            keys = [*re.split(r", and |, ", asked)]
             values = [v for k in keys for v in re.findall(rf"for {re.escape(k)} is: (\S+)\.", text)]
             outputs.append(" " + ", ".join(values) + ".")
         return outputs

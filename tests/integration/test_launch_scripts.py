@@ -191,7 +191,7 @@ def test_without_flash_attn_the_backend_is_auto_with_one_warning(tmp_path):
     proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=None, TORCHRUN="no-such-torchrun",
                    HARPE_SKIP_CHECK=NO_CHECK)
     assert proc.returncode == 0, proc.stderr
-    (command,) = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
+    (command,) = (shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line)
     assert backend(command) == "auto"
     (warning,) = warnings_of(proc)
     assert "flash-attn is not installed for " + python in warning and "--attention-backend auto" in warning
@@ -230,7 +230,7 @@ def test_attention_backend_setting_wins_over_the_probe(tmp_path, setting, monkey
     proc = run_dry("pretrain_llama2_harpe.sh", PYTHON=python, ATTENTION_BACKEND=setting,
                    TORCHRUN="no-such-torchrun", HARPE_SKIP_CHECK=NO_CHECK)
     assert proc.returncode == 0, proc.stderr
-    (command,) = [shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line]
+    (command,) = (shlex.split(line) for line in proc.stdout.splitlines() if "pretrain_harpe.py" in line)
     assert backend(command) == setting and warnings_of(proc) == []
     assert not (tmp_path / "python.calls").exists()  # not even probed
     args, _ = parsed(command, monkeypatch)

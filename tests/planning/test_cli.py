@@ -129,7 +129,7 @@ def test_emitted_plan_is_scoped_to_its_model(capsys):
     assert lines[0].startswith("unset ${HARPE_PLAN_VARS:-}")  # the previous plan's variables go first
     env = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
     assert env["HARPE_PLAN_MODEL"] == env["MODEL"] == "7b"
-    assert env["HARPE_PLAN_VARS"].strip("'").split() == [k for k in env]
+    assert env["HARPE_PLAN_VARS"].strip("'").split() == [*env]
 
 
 def test_a_plan_applies_to_its_model_and_a_new_plan_replaces_the_old(tmp_path):
