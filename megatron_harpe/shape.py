@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    from megatron_harpe.convert.rope_scaling import RopeScaling
+
 LLAMA2_VOCAB_SIZE = 32000
 VOCAB_DIVISOR = 128  # Megatron-LM's --make-vocab-size-divisible-by default
 
@@ -30,7 +32,8 @@ class ShapeError(UsageError):
 @dataclass(frozen=True)
 class LlamaShape:
     """A Llama-style decoder: RMSNorm, RoPE, no biases; SwiGLU unless ``gated=False``, untied unless
-    ``tied_embeddings`` (the planner models both variants; conversion maps Llama-2's only)."""
+    ``tied_embeddings`` (the planner models both variants; conversion maps Llama-2's only). ``rope_scaling``:
+    position interpolation or YaRN on top of ``rope_theta`` (read and written by conversion only)."""
 
     num_layers: int
     hidden_size: int
@@ -41,6 +44,7 @@ class LlamaShape:
     kv_channels: int | None = None               # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     gated: bool = True
     tied_embeddings: bool = False
@@ -130,12 +134,15 @@ class LlamaShape:
     def from_hf_config(cls, config: dict, path: str = "config.json", *, strict: bool = True) -> LlamaShape:
         """The shape of a Hugging Face ``config.json``. ``strict``: exactly Llama-2's architecture, which the
         converter maps tensor by tensor (refuses other model types, activations, biases, tied embeddings, head
-        widths, RoPE scaling); otherwise any Llama-style config the planner can count (gated and tied read)."""
+        widths, RoPE scaling megatron has no counterpart for) and reads the RoPE scaling; otherwise any Llama-style
+        config the planner can count (gated and tied read, RoPE scaling not)."""
         if strict:
             _require_llama2(config, path)
-        return cls(**_sizes(config, path, _HF_KEYS),
+        sizes = _sizes(config, path, _HF_KEYS)  # before transformers reads the config: our message for a gap
+        rope_theta, rope_scaling = _rope(config, path) if strict else (_rope_theta(config), None)
+        return cls(**sizes,
                    max_position_embeddings=int(config.get("max_position_embeddings") or 4096),
-                   rope_theta=_rope_theta(config, refuse_scaling=strict),
+                   rope_theta=rope_theta, rope_scaling=rope_scaling,
                    norm_eps=float(config.get("rms_norm_eps", 1e-5)),
                    gated=config.get("hidden_act", "silu") in ("silu", "swiglu"),
                    tied_embeddings=bool(config.get("tie_word_embeddings", False)), name=path)
@@ -157,7 +164,8 @@ class LlamaShape:
     def from_megatron_args(cls, args, vocab_size: int | None = None, *, strict: bool = True) -> LlamaShape:
         """The shape parsed Megatron-LM arguments (or a checkpoint's saved ones) describe. The true vocabulary
         is ``vocab_size``, else ``args.vocab_size`` (megatron keeps only the padded one when a tokenizer gave it).
-        ``strict``: refuse anything but Llama-2's RoPE, SwiGLU and RMSNorm."""
+        ``strict``: refuse anything but a Llama (SwiGLU, RMSNorm, RoPE with or without position interpolation or
+        YaRN, as a Hugging Face Llama can express it) and read the RoPE scaling."""
         vocab = vocab_size or getattr(args, "vocab_size", None)
         padded = getattr(args, "padded_vocab_size", None)
         if not vocab:
@@ -165,15 +173,21 @@ class LlamaShape:
                              f"{padded})")
         if padded and int(vocab) > padded:
             raise ShapeError(f"vocabulary {vocab} is larger than the checkpoint's {padded} embedding rows")
-        if strict and (args.position_embedding_type != "rope" or not args.swiglu or args.normalization != "RMSNorm"):
-            raise ShapeError("the checkpoint is not a Llama (RoPE, SwiGLU, RMSNorm)")
+        if strict and (args.position_embedding_type not in ("rope", "yarn") or not args.swiglu
+                       or args.normalization != "RMSNorm"):
+            raise ShapeError("the checkpoint is not a Llama (RoPE or YaRN, SwiGLU, RMSNorm)")
+        rope_scaling = None
+        if strict:
+            from megatron_harpe.convert.rope_scaling import RopeScaling
+
+            rope_scaling = RopeScaling.from_megatron_args(args)
         # Megatron reads --num-query-groups only with --group-query-attention.
         groups = args.num_query_groups if args.group_query_attention else None
         positions = {} if args.max_position_embeddings is None else dict(
             max_position_embeddings=args.max_position_embeddings)
         return cls(num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
                    num_attention_heads=args.num_attention_heads, num_query_groups=groups, vocab_size=int(vocab),
-                   kv_channels=args.kv_channels, rope_theta=float(args.rotary_base),
+                   kv_channels=args.kv_channels, rope_theta=float(args.rotary_base), rope_scaling=rope_scaling,
                    norm_eps=float(args.layernorm_epsilon), gated=bool(args.swiglu),
                    tied_embeddings=not args.untie_embeddings_and_output_weights, name="args", **positions)
 
@@ -312,10 +326,25 @@ def _require_llama2(config: dict, path: str) -> None:
         raise ShapeError(f"{path}: unsupported {', '.join(problems)}")
 
 
-def _rope_theta(config: dict, refuse_scaling: bool) -> float:
+def _rope_theta(config: dict) -> float:
+    """The RoPE base, read leniently (the planner's configs; no transformers import)."""
     params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if refuse_scaling and kind not in ("default", None):
-        raise ShapeError(f"RoPE scaling {kind!r} is not Llama-2's plain RoPE: convert the base model")
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+
+
+def _rope(config: dict, path: str) -> tuple[float, RopeScaling | None]:
+    """The RoPE base and scaling of a config.json, from transformers' own reading of it (legacy ``rope_scaling``,
+    ``type`` and a top-level ``rope_theta`` included)."""
+    import copy
+
+    from transformers import LlamaConfig
+
+    from megatron_harpe.convert.rope_scaling import RopeScaling
+
+    try:
+        params = LlamaConfig(**copy.deepcopy(config)).rope_parameters  # LlamaConfig edits the dicts it is given
+    except (ValueError, TypeError) as e:  # transformers validates every field
+        raise ShapeError(f"{path}: transformers does not read it as a Llama config ({e})") from None
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ShapeError(f"{path}: RoPE parameters per layer type: a Llama has one")
+    return float(params["rope_theta"]), RopeScaling.from_hf(params, path)

@@ -127,15 +127,31 @@ def _hf_config(**changes) -> dict:
     return config
 
 
-def test_hugging_face_config_round_trip(tmp_path):
+@pytest.mark.parametrize("rope, scaling", [
+    ({"rope_type": "default", "rope_theta": 5e5}, None),
+    ({"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5}, ("linear", (("factor", 4),))),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512, "rope_theta": 5e5},
+     ("yarn", (("factor", 4.0), ("original_max_position_embeddings", 512), ("beta_fast", 32.0), ("beta_slow", 1.0),
+               ("truncate", True), ("mscale", 1.0), ("mscale_all_dim", 0.0)))),
+])
+def test_hugging_face_config_round_trip(tmp_path, rope, scaling):
     from megatron_harpe.convert.hf_checkpoint import write_hf_config
+    from megatron_harpe.convert.rope_scaling import RopeScaling
 
-    shape = LlamaShape.from_hf_config(_hf_config())
+    shape = LlamaShape.from_hf_config(_hf_config(rope_parameters=rope))
     assert shape == LlamaShape(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                                num_query_groups=2, vocab_size=1000, max_position_embeddings=2048, rope_theta=5e5,
-                               norm_eps=1e-6)
+                               norm_eps=1e-6, rope_scaling=scaling and RopeScaling(*scaling))
     write_hf_config(str(tmp_path), shape, "fp32", harpe_bases=None)
     assert LlamaShape.from_hf_config(json.loads((tmp_path / "config.json").read_text())) == shape
+
+
+@pytest.mark.parametrize("legacy", [{"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 5e5},
+                                    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e5}])
+def test_hugging_face_legacy_rope_scaling_is_read_as_transformers_reads_it(legacy):
+    config = {k: v for k, v in _hf_config().items() if k != "rope_parameters"}
+    shape = LlamaShape.from_hf_config({**config, **legacy})
+    assert (shape.rope_theta, shape.rope_scaling.rope_type, shape.rope_scaling["factor"]) == (5e5, "linear", 2)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -144,7 +160,7 @@ def test_hugging_face_config_round_trip(tmp_path):
     (dict(attention_bias=True), "unsupported biases"),
     (dict(tie_word_embeddings=True), "unsupported tied input and output embeddings"),
     (dict(head_dim=32), "unsupported head_dim 32 != hidden_size / heads"),
-    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "RoPE scaling 'yarn' is not Llama-2's plain RoPE"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 4.0}), "RoPE scaling 'dynamic' has no megatron "),
     (dict(num_key_value_heads=3), "4 attention heads do not split into 3 query groups"),
     (dict(intermediate_size=None), "missing intermediate_size"),
 ])

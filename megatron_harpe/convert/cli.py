@@ -70,6 +70,7 @@ def hf_to_megatron(argv: list[str] | None = None) -> int:
         from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint
         from megatron_harpe.convert.mapping import GLOBAL_TABLE
         from megatron_harpe.convert.megatron_checkpoint import megatron_args, write_torch, write_torch_dist
+        from megatron_harpe.convert.rope_scaling import describe
 
         _check_out(args.out, args.force, {"--hf-dir": args.hf_dir})
         hf = HFCheckpoint(args.hf_dir, allow_pickle=args.allow_pickle)
@@ -91,7 +92,8 @@ def hf_to_megatron(argv: list[str] | None = None) -> int:
             else:
                 write_torch_dist(tmp, hf.read, hf.shape, margs, DTYPES[dtype])
         print(f"wrote {args.out} ({args.format}, TP={args.tp} PP={args.pp}, {dtype}, padded vocab "
-              f"{margs.padded_vocab_size}" + (f", {len(bases)} HARPE bases" if bases else ", standard RoPE") + ")")
+              f"{margs.padded_vocab_size}" + (f", {len(bases)} HARPE bases" if bases else ", standard RoPE")
+              + describe(hf.shape.rope_scaling) + ")")
 
     return _run(body)
 
@@ -129,6 +131,8 @@ def megatron_to_hf(argv: list[str] | None = None) -> int:
             megatron_full_tensors,
             run_dtype,
         )
+        from megatron_harpe.convert.rope_scaling import describe, refuse_with_harpe
+        from megatron_harpe.shape import ShapeError
 
         inputs = {"--megatron-dir": args.megatron_dir, "--tokenizer-model": args.tokenizer_model}
         _check_out(args.out, args.force, inputs)
@@ -142,6 +146,10 @@ def megatron_to_hf(argv: list[str] | None = None) -> int:
         path, fmt, margs = read_checkpoint(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)
         shape = checkpoint_shape(margs, vocab, vocab_flags="--vocab-size or --tokenizer-model")
         bases = harpe_bases_from_args(margs)
+        try:
+            refuse_with_harpe(shape.rope_scaling, bases)
+        except ShapeError as e:  # a checkpoint the export cannot write: a failed run, as checkpoint_shape's
+            raise ConversionError(str(e)) from None
         dtype = args.dtype or run_dtype(margs)
         special = tokenizer_special_ids(args.tokenizer_model) if args.tokenizer_model else None
         with atomic_output_dir(args.out, force=args.force, tool="convert_megatron_to_hf", inputs=inputs) as tmp:
@@ -155,7 +163,7 @@ def megatron_to_hf(argv: list[str] | None = None) -> int:
                 write_hf_tokenizer(tmp, args.tokenizer_model)
             write_hf_config(tmp, shape, dtype, bases, special)
         kind = f"HARPE Llama with {len(bases)} bases (trust_remote_code=True)" if bases else "LlamaForCausalLM"
-        print(f"wrote {args.out}: {kind}, {dtype}, from {path} ({fmt})")
+        print(f"wrote {args.out}: {kind}{describe(shape.rope_scaling)}, {dtype}, from {path} ({fmt})")
 
     return _run(body)
 

@@ -9,6 +9,7 @@ import shutil
 import torch
 
 from megatron_harpe.convert.mapping import GLOBAL_TABLE, LAYER_TABLE, ConversionError, hf_layer_name
+from megatron_harpe.convert.rope_scaling import hf_rope_parameters
 from megatron_harpe.shape import LlamaShape, ShapeError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -165,6 +166,7 @@ def write_hf_config(out_dir: str, shape: LlamaShape, dtype: str, harpe_bases: li
                     special_ids: dict[str, int | None] | None = None) -> None:
     """``config.json`` (``LlamaForCausalLM``, or the HARPE model with ``auto_map``) and ``generation_config.json``.
 
+    The RoPE base and scaling are the shape's (``rope_parameters``: ``default``, ``linear`` or ``yarn``).
     ``special_ids`` (:func:`tokenizer_special_ids`) default to Llama-2's bos 1 / eos 2, no pad.
     """
     from transformers import GenerationConfig, LlamaConfig
@@ -174,7 +176,8 @@ def write_hf_config(out_dir: str, shape: LlamaShape, dtype: str, harpe_bases: li
     fields = dict(vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.ffn_hidden_size,
                   num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_attention_heads,
                   num_key_value_heads=shape.num_query_groups, max_position_embeddings=shape.max_position_embeddings,
-                  rms_norm_eps=shape.norm_eps, rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+                  rms_norm_eps=shape.norm_eps,
+                  rope_parameters=hf_rope_parameters(shape.rope_scaling, shape.rope_theta),
                   tie_word_embeddings=False, **special, dtype={"bf16": "bfloat16", "fp16": "float16",
                                                                 "fp32": "float32"}[dtype])
     if harpe_bases is None:

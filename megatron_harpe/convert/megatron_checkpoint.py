@@ -40,20 +40,26 @@ from megatron_harpe.convert.mapping import (
 )
 from megatron_harpe.shape import LlamaShape, ShapeError
 
-# Llama-2's architecture beyond its sizes, as megatron spells it; dropout off (conversion trains nothing).
-LLAMA2_FLAGS = ("--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu",
+# Llama-2's architecture beyond its sizes and RoPE, as megatron spells it; dropout off (conversion trains nothing).
+LLAMA2_FLAGS = ("--normalization", "RMSNorm", "--swiglu",
                 "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
                 "--hidden-dropout", "0")
 
 
 def megatron_args(shape: LlamaShape, *, tp: int, pp: int, dtype: str, ckpt_format: str, transformer_impl: str,
                   seq_length: int, harpe_bases: list[float] | None) -> argparse.Namespace:
-    """The Namespace Megatron-LM's parser and validate_args give a Llama-2 run with these settings, with
-    ``harpe_bases`` (already resolved; None: standard RoPE) where the trainer's parse puts them."""
+    """The Namespace Megatron-LM's parser and validate_args give a Llama-2 run with these settings (the shape's
+    RoPE scaling as megatron's flags), with ``harpe_bases`` (already resolved; None: standard RoPE) where the
+    trainer's parse puts them."""
     from megatron_harpe.bases import validate_bases
+    from megatron_harpe.convert.rope_scaling import megatron_rope_flags, refuse_with_harpe
     from megatron_harpe.megatron_args import parse_megatron_args
 
-    flags = [*shape.to_megatron_flags(), *LLAMA2_FLAGS, "--rotary-base", int(shape.rope_theta),
+    if shape.rope_theta != int(shape.rope_theta):  # megatron parses --rotary-base as an integer
+        raise ConversionError(f"rope_theta {shape.rope_theta:g}: megatron's --rotary-base takes an integer")
+    refuse_with_harpe(shape.rope_scaling, harpe_bases)  # a ShapeError: bad usage (exit 2), as in the trainer
+    flags = [*shape.to_megatron_flags(), *LLAMA2_FLAGS, *megatron_rope_flags(shape.rope_scaling),
+             "--rotary-base", int(shape.rope_theta),
              "--norm-epsilon", shape.norm_eps, "--seq-length", seq_length, "--max-position-embeddings", seq_length,
              "--tensor-model-parallel-size", tp, "--pipeline-model-parallel-size", pp, "--micro-batch-size", 1,
              "--ckpt-format", ckpt_format, "--transformer-impl", transformer_impl, "--vocab-size", shape.vocab_size,

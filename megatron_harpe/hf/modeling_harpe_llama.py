@@ -1,7 +1,8 @@
 """HARPE Llama for transformers (Lian et al. 2024, arXiv 2412.07171): Llama with one RoPE base per query group.
 
 Everything is transformers' Llama except the rotary embedding: cos/sin are computed per key/value head from that
-head's base (angles ``position * inv_freq`` in float32, as Megatron computes them), and every query head uses the
+head's base (angles ``position * inv_freq`` in float32, as Megatron computes them; with ``rope_type: linear``
+positions are first multiplied by ``1 / factor``, Megatron's position interpolation), and every query head uses the
 table of its group, as megatron-harpe trains it. Load with
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
 """
@@ -47,6 +48,8 @@ class HarpeLlamaRotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.bases = [float(base) for base in config.harpe_bases]
+        params = config.rope_parameters or {}
+        self.interpolation = float(params["factor"]) if params.get("rope_type") == "linear" else None
 
     def inverse_frequencies(self, device) -> torch.Tensor:
         """``[groups, head_dim / 2]``, recomputed per call (a few hundred numbers): from_pretrained builds models on
@@ -57,7 +60,10 @@ class HarpeLlamaRotaryEmbedding(nn.Module):
     @torch.no_grad()
     def forward(self, x, position_ids):
         inv_freq = self.inverse_frequencies(x.device)
-        freqs = position_ids[:, None, :, None].float() * inv_freq[None, :, None, :]
+        positions = position_ids.float()
+        if self.interpolation is not None:  # Megatron's order: positions * (1 / factor), then the frequencies
+            positions = positions * (1 / self.interpolation)
+        freqs = positions[:, None, :, None] * inv_freq[None, :, None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 

@@ -61,6 +61,37 @@ def without_vocab_size(tmp, get):
     return names
 
 
+def yarn_checkpoint_with(**changes):
+    """The tiny torch checkpoint as a YaRN run with ``changes`` to its saved args would have saved it."""
+    def setup(tmp, get):
+        import torch
+
+        names = checkpoint("torch")(tmp, get)
+        file = tiny_checkpoints.rank_file(tmp / "ckpt")
+        state = torch.load(file, weights_only=True)
+        for name, value in dict(position_embedding_type="yarn", rotary_scaling_factor=4.0,
+                                yarn_original_max_position_embeddings=64, **changes).items():
+            setattr(state["args"], name, value)
+        torch.save(state, file)
+        return names
+    return setup
+
+
+def hf_with_rope(rope_parameters):
+    def setup(tmp, get):
+        import json
+
+        names = hf_dir(tmp, get)
+        config_file = tmp / "hf" / "config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "rope_parameters": rope_parameters}))
+        return names
+    return setup
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+
+
 def truncated(kind, file):
     def setup(tmp, get):
         names = checkpoint(kind)(tmp, get)
@@ -139,6 +170,19 @@ CASES = [
                                                        "--pp", "1"],
            message=r"do not record the true vocabulary size .*: pass --vocab-size\n", entry=RESHARD,
            setup=without_vocab_size),
+    # RoPE settings the other side cannot express: refused by name, not dropped (a dropped one shifts the logits)
+    Misuse("5", "export-yarn-with-partial-rotary", ["--megatron-dir", "{ckpt}", "--out", "{tmp}/hf"],
+           message=r"trained with --rotary-percent 0\.5, which a Hugging Face Llama cannot express",
+           entry=MEGATRON_TO_HF, setup=yarn_checkpoint_with(rotary_percent=0.5), exit_code=1),
+    Misuse("5", "import-yarn-attention-factor-megatron-cannot-take",
+           ["--hf-dir", "{hf}", "--out", "{tmp}/m", "--format", "torch"],
+           message=r"attention_factor 1\.0: megatron's YaRN derives it from --rotary-scaling-factor, --mscale and "
+                   r"--mscale-all-dim", entry=HF_TO_MEGATRON, setup=hf_with_rope({**YARN, "attention_factor": 1.0}),
+           exit_code=1),
+    Misuse("5", "import-harpe-bases-onto-yarn", ["--hf-dir", "{hf}", "--out", "{tmp}/m", "--format", "torch",
+                                                 "--harpe-bases", "1e4,2e4,3e4,4e4"],
+           message=r"HARPE bases with 'yarn' RoPE scaling: .*convert the model without bases", entry=HF_TO_MEGATRON,
+           setup=hf_with_rope(YARN), exit_code=2),  # bad usage, as the trainer's refusal of the same pair
     # 6: a damaged input is one line naming the file
     Misuse("6", "export-truncated-pt", ["--megatron-dir", "{ckpt}", "--out", "{tmp}/hf"],
            message=r"model_optim_rng\.pt is damaged or truncated .*re-copy the checkpoint", entry=MEGATRON_TO_HF,
