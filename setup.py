@@ -45,6 +45,7 @@ setup(
             "harpe-make-synthetic-corpus=megatron_harpe.data.cli:make_synthetic_corpus",
             "harpe-preprocess-data=megatron_harpe.data.cli:preprocess_data",
             "harpe-build-long-context-mix=megatron_harpe.data.cli:build_long_context_mix",
+            "harpe-compare-methods=megatron_harpe.compare.cli:compare_methods",
         ]
     },
 )

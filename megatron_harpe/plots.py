@@ -118,3 +118,28 @@ def plot_niah_comparison(grids: Sequence[np.ndarray], labels: Sequence[str], len
         fig.colorbar(image, ax=ax)
     axes[0].set_ylabel("needle depth")
     return _save(fig, path)
+
+
+def plot_accuracy_vs_length(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
+                            lengths: Sequence[int], path: str, *, trained_length: int | None = None,
+                            title: str = "") -> str:
+    """Write a PNG: one panel per metric (``{metric: {method: (means, stds)}}``), score against context length,
+    one line per method with its spread over seeds; a dashed line at the trained length."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, (metric, methods) in zip(axes[0], panels.items()):
+        for method, (means, stds) in methods.items():
+            means, stds = np.asarray(means, dtype=float), np.asarray(stds, dtype=float)
+            (line,) = ax.plot(lengths, means, marker="o", label=method)
+            ax.fill_between(lengths, means - stds, means + stds, color=line.get_color(), alpha=0.15)
+        if trained_length:
+            ax.axvline(trained_length, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(lengths), [str(n) for n in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

@@ -22,27 +22,110 @@ def _quiet_megatron_logging() -> None:
 
 # --- harpe-make-synthetic-corpus -----------------------------------------------------------------------------------
 
+def _retrieval_part(text: str):
+    """``NAME:DOCS:TOKENS`` or ``NAME:DOCS:MIN-MAX`` as a :class:`~megatron_harpe.data.synthetic.RetrievalPart`."""
+    from megatron_harpe.data.synthetic import RetrievalPart
+
+    fields = text.split(":")
+    lengths = fields[2].split("-") if len(fields) == 3 else []
+    try:
+        if len(fields) != 3 or len(lengths) not in (1, 2):
+            raise ValueError("expected NAME:DOCS:TOKENS or NAME:DOCS:MIN-MAX")
+        return RetrievalPart(fields[0], int(fields[1]), int(lengths[0]), int(lengths[-1]))
+    except ValueError as e:
+        raise UsageError(f"--retrieval {text}: {e} (e.g. stage0:2000:256 or stage1:200:1024-2048)") from None
+
+
+def _share(text: str) -> tuple[float, float]:
+    values = text.split("-")
+    try:
+        low, high = float(values[0]), float(values[-1])
+        if len(values) > 2 or not 0.0 < low <= high <= 1.0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--task-share {text}: give a share in (0, 1], or MIN-MAX with 0 < MIN <= MAX <= 1 "
+                         "(e.g. 0.5-1)") from None
+    return low, high
+
+
 def make_synthetic_corpus(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Synthetic per-source corpora (JSONL) and a tiny sentencepiece model, "
-                                            "offline: the embedded default for preprocessing, mixing and training.",
+                                            "offline: the embedded default for preprocessing, mixing and training. "
+                                            "With --retrieval: documents that carry the evaluation's retrieval "
+                                            "tasks (passkey, NIAH, RULER) and their answers instead.",
                                 allow_abbrev=False)
     p.add_argument("--out", required=True, help="a new directory")
-    p.add_argument("--docs-per-source", type=int, default=200)
-    p.add_argument("--length-scale", type=float, default=0.25, help="scales every source's document lengths")
+    p.add_argument("--docs-per-source", type=int, help="per-source corpora: documents per source (default 200)")
+    p.add_argument("--length-scale", type=float,
+                   help="per-source corpora: scales every source's document lengths (default 0.25)")
+    p.add_argument("--retrieval", action="append", metavar="NAME:DOCS:TOKENS[-MAX]",
+                   help="a part of a retrieval-rich corpus, OUT/parts/NAME.jsonl: DOCS documents of TOKENS (or "
+                        "TOKENS to MAX) tokens each as tools/preprocess_data.py --append-eod writes them (text + "
+                        "EOD; a part at --seq-length tokens fills Megatron's training samples one document each); "
+                        "repeat for more parts, all sharing OUT/tokenizer.model")
+    p.add_argument("--retrieval-kinds", help="with --retrieval: comma-separated tasks to mix (default all: passkey, "
+                                             "niah-classic, niah-ruler, niah-lwm, ruler-single_1 ... "
+                                             "ruler-multiquery)")
+    p.add_argument("--task-share", help="with --retrieval: the share of a document its task takes, MIN-MAX in (0, 1] "
+                                        "(default 1: prompt and answer fill it; less leaves filler after the answer)")
     p.add_argument("--vocab-size", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     filter_unactionable_warnings()
 
+    def check_retrieval_args():
+        from megatron_harpe.data.synthetic import retrieval_kinds
+
+        if args.vocab_size < 300:
+            raise UsageError("--vocab-size >= 300 please")
+        if not args.retrieval:
+            given = [flag for flag, value in (("--retrieval-kinds", args.retrieval_kinds),
+                                              ("--task-share", args.task_share)) if value is not None]
+            if given:
+                raise UsageError(f"{' and '.join(given)} only apply with --retrieval")
+            return None
+        given = [flag for flag, value in (("--docs-per-source", args.docs_per_source),
+                                          ("--length-scale", args.length_scale)) if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} describe per-source corpora: drop them with --retrieval "
+                             "(each part gives its own documents and lengths)")
+        parts = [_retrieval_part(text) for text in args.retrieval]
+        names = [part.name for part in parts]
+        if len(set(names)) != len(names):
+            raise UsageError(f"--retrieval: part names must differ, got {', '.join(names)}")
+        kinds = None
+        if args.retrieval_kinds is not None:
+            kinds = [kind.strip() for kind in args.retrieval_kinds.split(",") if kind.strip()]
+            unknown = [kind for kind in kinds if kind not in retrieval_kinds()]
+            if unknown or not kinds:
+                raise UsageError(f"--retrieval-kinds {args.retrieval_kinds}: unknown {', '.join(unknown) or 'empty'}; "
+                                 f"choose from {', '.join(retrieval_kinds())}")
+        share = _share(args.task_share) if args.task_share is not None else (1.0, 1.0)
+        return parts, kinds, share
+
     def body() -> None:
-        from megatron_harpe.data.synthetic import make_corpus
+        from megatron_harpe.data.synthetic import make_corpus, make_retrieval_corpus
         from megatron_harpe.outputs import atomic_output_dir
 
-        if args.docs_per_source < 1 or args.length_scale <= 0 or args.vocab_size < 300:
-            raise UsageError("--docs-per-source >= 1, --length-scale > 0 and --vocab-size >= 300 please")
+        retrieval = check_retrieval_args()
+        if retrieval is not None:
+            parts, kinds, share = retrieval
+            try:
+                with atomic_output_dir(args.out, force=args.force) as tmp:
+                    made = make_retrieval_corpus(tmp, parts, args.vocab_size, args.seed, kinds, share)
+            except ValueError as e:  # a part too short for a task: nothing was written
+                raise UsageError(str(e)) from None
+            for name, path in made["parts"].items():
+                print(f"{name:>14}: {os.path.join(args.out, 'parts', os.path.basename(path))}")
+            print(f"tokenizer model: {os.path.join(args.out, 'tokenizer.model')}")
+            return
+        docs = 200 if args.docs_per_source is None else args.docs_per_source
+        scale = 0.25 if args.length_scale is None else args.length_scale
+        if docs < 1 or scale <= 0:
+            raise UsageError("--docs-per-source >= 1 and --length-scale > 0 please")
         with atomic_output_dir(args.out, force=args.force) as tmp:
-            made = make_corpus(tmp, args.docs_per_source, args.length_scale, args.vocab_size, args.seed)
+            made = make_corpus(tmp, docs, scale, args.vocab_size, args.seed)
         for source, path in made["sources"].items():
             print(f"{source:>14}: {os.path.join(args.out, 'sources', os.path.basename(path))}")
         print(f"tokenizer model: {os.path.join(args.out, 'tokenizer.model')}")

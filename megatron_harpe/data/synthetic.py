@@ -8,10 +8,11 @@ needle from it by attending to the needle.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,11 +33,17 @@ _ABBREVIATIONS = ("Dr.", "Mr.", "Mrs.", "St.", "Prof.", "e.g.", "i.e.", "etc.", 
 _NAMES = ("Smith", "Okafor", "Lindqvist", "Moreau", "Tanaka", "Alvarez", "Novak", "Brennan")
 
 
-def _vocabulary(rng: np.random.Generator, size: int = 1500) -> list[str]:
+@functools.cache
+def _vocabulary(size: int = 1500) -> tuple[tuple[str, ...], tuple[str, ...], np.ndarray]:
+    """The filler's words (the same for every seed), capitalized, and their Zipf CDF: built once (~20 ms)."""
+    rng = np.random.default_rng(12345)
     words = list(_COMMON)
     while len(words) < size:
         words.append("".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))))
-    return words
+    cdf = np.cumsum(1.0 / np.arange(1, len(words) + 1, dtype=np.float64))
+    cdf /= cdf[-1]
+    cdf.flags.writeable = False
+    return tuple(words), tuple(w[0].upper() + w[1:] for w in words), cdf
 
 
 class FillerText:
@@ -44,11 +51,8 @@ class FillerText:
 
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
-        self.words = _vocabulary(np.random.default_rng(12345))
-        ranks = np.arange(1, len(self.words) + 1, dtype=np.float64)
-        self._cdf = np.cumsum(1.0 / ranks)
-        self._cdf /= self._cdf[-1]
-        self._capitalized = [w[0].upper() + w[1:] for w in self.words]
+        words, self._capitalized, self._cdf = _vocabulary()
+        self.words = list(words)
 
     def _sentences(self, n_words: int) -> list[str]:
         """Sentences totalling at least ``n_words`` words, drawn in bulk (a document of 100k words in ~0.1 s)."""
@@ -139,6 +143,12 @@ LWM_CITIES = ("Chicago", "Yangon", "Antananarivo", "Colombo", "Almaty", "Sydney"
               "Reykjavik", "Hanoi", "Quito", "Tbilisi", "Oslo", "Lagos", "Kyoto")
 
 
+def classic_needle(place: str = "San Francisco", activity: str = CLASSIC_ANSWER) -> tuple[str, str, str]:
+    """Kamradt's needle, question and answer; the defaults are his (``CLASSIC_NEEDLE``), the evaluation's."""
+    return (f"The best thing to do in {place} is {activity}.", f"What is the best thing to do in {place}? Answer:",
+            activity)
+
+
 @dataclass
 class RetrievalSample:
     """A long context with one fact hidden at ``depth`` (0 = start, 1 = end of the haystack)."""
@@ -204,7 +214,7 @@ def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: in
     if needle is not None:
         needle_text, question, answer = needle
     elif style == "classic":
-        needle_text, question, answer = CLASSIC_NEEDLE, CLASSIC_QUESTION + " Answer:", CLASSIC_ANSWER
+        needle_text, question, answer = classic_needle()
     elif style == "ruler":
         rng = np.random.default_rng(seed)
         key, value = str(rng.choice(filler.words[200:])), str(int(rng.integers(1_000_000, 10_000_000)))
@@ -219,6 +229,158 @@ def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: in
         raise ValueError(f"unknown needle style {style!r}: use 'classic', 'ruler' or 'lwm'")
     return _compose(encode, decode, f"niah-{style}", context_tokens=context_tokens, depth=depth, prefix="",
                     needle=needle_text, question=question, answer=answer, filler_text=haystack or filler.paragraph)
+
+
+# --- retrieval-rich documents: what a model learns retrieval from ---------------------------------------------
+#
+# Each document is one retrieval prompt built by the evaluation's own builders (passkey_sample, needle_sample,
+# megatron_harpe.eval.ruler.ruler_sample: the same instruction, haystack, needles and question), followed by its
+# answer and, when the task takes less than the whole document, filler. The evaluation's samples are not training
+# documents: every training document draws its seed at or above 2**32 (the evaluation seeds its samples below:
+# RULER with 32-bit SeedSequence states, NIAH with --seed), so its keys, values and haystack come from another
+# random stream; classic needles name other places than the evaluation's San Francisco; a training passkey equals
+# an evaluation one only with the same key (1 in 90000), length and depth together.
+
+NIAH_STYLES = ("classic", "ruler", "lwm")
+_TRAINING_SEEDS = 2**32  # evaluation seeds lie below
+# Kamradt-style activities: the classic needle's form with other places and things to do.
+_ACTIVITIES = ("eat a sandwich", "sit in Dolores Park", "read a book", "walk along the river", "visit the old market",
+               "drink a coffee", "watch the boats", "climb the hill", "ride a bicycle", "listen to music",
+               "buy fresh bread", "swim in the lake", "sit in the garden", "see the bridge")
+_TIMES = ("on a sunny day", "in the morning", "at night", "after lunch", "in the evening", "on a rainy day",
+          "in winter", "in summer")
+
+
+def retrieval_kinds() -> tuple[str, ...]:
+    """Every task a retrieval document can carry: passkey, the NIAH styles, RULER's eight tasks."""
+    from megatron_harpe.eval.ruler import TASKS
+
+    return ("passkey", *(f"niah-{style}" for style in NIAH_STYLES), *(f"ruler-{task}" for task in TASKS))
+
+
+class WordCodec:
+    """Whitespace-separated words as token ids: lengths counted in words, for text made before a tokenizer exists."""
+
+    def __init__(self):
+        self._ids: dict[str, int] = {}
+        self._words: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for word in text.split():
+            if word not in self._ids:
+                self._ids[word] = len(self._words)
+                self._words.append(word)
+            ids.append(self._ids[word])
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return " ".join(self._words[i] for i in ids)
+
+
+def _prompt(kind: str, encode, decode, context_tokens: int, seed: int) -> tuple[list[int], list[str]]:
+    """The evaluation's prompt of ``kind`` (``context_tokens`` ids, no BOS) and the answers it expects."""
+    from megatron_harpe.eval.ruler import ruler_sample
+
+    rng = np.random.default_rng(seed)
+    if kind == "passkey":
+        passkey = int(rng.integers(10_000, 100_000))  # eval_passkey's range
+        sample = passkey_sample(encode, decode, context_tokens=context_tokens, depth=float(rng.random()),
+                                passkey=passkey)
+        return sample.input_ids, [sample.answer]
+    if kind.startswith("niah-"):
+        style = kind[len("niah-"):]
+        needle = None
+        if style == "classic":
+            first, second = rng.choice(len(_ACTIVITIES), size=2, replace=False)
+            activity = f"{_ACTIVITIES[first]} and {_ACTIVITIES[second]} {_TIMES[rng.integers(len(_TIMES))]}"
+            needle = classic_needle(str(rng.choice(LWM_CITIES)), activity)
+        sample = needle_sample(encode, decode, context_tokens=context_tokens, depth=float(rng.random()), seed=seed,
+                               style=style, needle=needle)
+        return sample.input_ids, [sample.answer]
+    sample = ruler_sample(kind[len("ruler-"):], encode, decode, context_tokens=context_tokens, seed=seed)
+    return sample.input_ids, sample.answers
+
+
+def _filler_to(text: str, tokens: int, encode, filler: FillerText) -> str:
+    """``text`` with filler words after it until it is exactly ``tokens`` long (when the tokenizer allows)."""
+    count, tail = len(encode(text)), []
+    words = iter(())
+    while count < tokens:
+        word = next(words, None)
+        if word is None:
+            words = iter(filler.sentence().split())
+            continue
+        size = len(encode(word))  # a word's ids do not depend on its neighbours (see data/tokenizer.py)
+        if count + size <= tokens:
+            tail.append(word)
+            count += size
+    return " ".join([text, *tail]) if tail else text
+
+
+def retrieval_document(kind: str, encode, decode, *, tokens: int, seed: int, task_share: float = 1.0) -> dict:
+    """One document of ``tokens`` ids (as ``encode`` counts them): ``kind``'s prompt, its answer, then filler.
+
+    The prompt and answer take ``task_share`` of the document. Returns the record's fields besides ``id`` and
+    ``source``: ``text``, ``kind``, ``seed`` (the builder's), ``answer`` (the expected values, joined by ", "),
+    ``question_start`` and ``answer_start`` (character offsets in ``text``), ``needles`` (each expected value and
+    the offset where it stands).
+    """
+    if kind not in retrieval_kinds():
+        raise ValueError(f"unknown retrieval kind {kind!r}: choose from {', '.join(retrieval_kinds())}")
+    if not 0.0 < task_share <= 1.0:
+        raise ValueError(f"task_share must be in (0, 1], got {task_share}")
+    task_tokens = max(1, int(round(task_share * tokens)))
+    _, answers = _prompt(kind, encode, decode, task_tokens, seed)  # keys and values do not depend on the length
+    answer = ", ".join(answers)
+    context = task_tokens - len(encode(f"{answer}."))
+    for _ in range(4):  # the decoded prompt may re-encode a few ids longer: shorten and rebuild
+        ids, _ = _prompt(kind, encode, decode, context, seed)
+        prompt = decode(ids)
+        text = f"{prompt} {answer}."
+        excess = len(encode(text)) - task_tokens
+        if excess <= 0:
+            break
+        context -= excess
+    else:
+        raise ValueError(f"could not fit a {kind} document into {tokens} tokens")
+    answer_start = len(prompt) + 1
+    text = _filler_to(text, tokens, encode, FillerText(seed + 1))
+    needles, at = [], 0
+    for value in answers:  # the first occurrence: values are drawn to be unique and the question names only keys
+        at = text.index(value)
+        needles.append({"value": value, "start": at})
+    return {"text": text, "kind": kind, "seed": seed, "answer": answer,
+            "question_start": text.rindex("What", 0, answer_start), "answer_start": answer_start, "needles": needles}
+
+
+def retrieval_documents(n_docs: int, text_tokens: tuple[int, int], encode, decode, *, seed: int = 0,
+                        kinds: Sequence[str] | None = None, task_share: tuple[float, float] = (1.0, 1.0),
+                        source: str = "retrieval") -> Iterator[dict]:
+    """JSONL records ``{"text", "source", "id", ...}`` (:func:`retrieval_document`'s fields), one task each.
+
+    Each document's length is drawn uniformly from ``text_tokens`` (ids of ``encode``: a sentencepiece model's, or
+    :class:`WordCodec`'s words), its kind uniformly from ``kinds`` (default: all of :func:`retrieval_kinds`), the
+    share of it its task takes uniformly from ``task_share``.
+    """
+    kinds = list(kinds or retrieval_kinds())
+    lo, hi = text_tokens
+    if not 1 <= lo <= hi:
+        raise ValueError(f"text_tokens must satisfy 1 <= min <= max, got {text_tokens}")
+    if not 0.0 < task_share[0] <= task_share[1] <= 1.0:
+        raise ValueError(f"task_share must satisfy 0 < min <= max <= 1, got {task_share}")
+    rng = np.random.default_rng(seed)
+    for i in range(n_docs):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        doc_seed = _TRAINING_SEEDS + int(rng.integers(0, 2**62))
+        tokens = int(rng.integers(lo, hi + 1))
+        share = float(rng.uniform(*task_share))
+        try:
+            record = retrieval_document(kind, encode, decode, tokens=tokens, seed=doc_seed, task_share=share)
+        except ValueError as e:
+            raise ValueError(f"{source}: a {kind} document of {tokens} tokens cannot be built ({e}): make the "
+                             f"documents longer or leave {kind} out") from None
+        yield {"text": record.pop("text"), "source": source, "id": f"{source}-{i}", **record}
 
 
 # --- the corpus of harpe-make-synthetic-corpus (megatron_harpe.data.cli) -------------------------------------
@@ -237,3 +399,52 @@ def make_corpus(out_dir: str, docs_per_source: int = 200, length_scale: float = 
               for line in itertools.islice(open(path, encoding="utf-8"), 50))
     model = train_sentencepiece(sample, os.path.join(out_dir, "tokenizer"), vocab_size=vocab_size)
     return {"sources": paths, "tokenizer_model": model}
+
+
+@dataclass(frozen=True)
+class RetrievalPart:
+    """A part of a retrieval corpus: ``docs`` documents of ``min_tokens``..``max_tokens`` tokens each, counted as
+    in the indexed dataset (text + EOD: tools/preprocess_data.py --append-eod with the corpus tokenizer; megatron's
+    Llama2Tokenizer adds no BOS). Documents of exactly ``--seq-length`` tokens are Megatron's training samples one
+    for one (GPTDataset cuts the stream every ``seq_length`` tokens), so no task is cut in two."""
+
+    name: str
+    docs: int
+    min_tokens: int
+    max_tokens: int
+
+    def __post_init__(self):
+        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
+            raise ValueError(f"part name {self.name!r}: use letters, digits, '-' and '_' (it names a file)")
+        if self.docs < 1:
+            raise ValueError(f"part {self.name}: {self.docs} documents: give at least 1")
+        if not 2 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"part {self.name}: lengths {self.min_tokens}-{self.max_tokens}: give "
+                             "2 <= min <= max tokens (EOD counts)")
+
+
+def make_retrieval_corpus(out_dir: str, parts: Sequence[RetrievalPart], vocab_size: int = 2000, seed: int = 0,
+                          kinds: Sequence[str] | None = None, task_share: tuple[float, float] = (1.0, 1.0)) -> dict:
+    """``out_dir/parts/<name>.jsonl`` per part, all tokenized by one ``out_dir/tokenizer.model``.
+
+    The tokenizer is trained first, on filler and on retrieval documents measured in words (:class:`WordCodec`);
+    the parts are then built with it, so each document has exactly its drawn number of tokens.
+    """
+    from megatron_harpe.data.tokenizer import load_sentencepiece, train_sentencepiece
+
+    if not parts or len({part.name for part in parts}) != len(parts):
+        raise ValueError("give one or more parts, with distinct names")
+    words = WordCodec()  # long enough for every kind: the parts' lengths are checked in tokens, below
+    sample = [record["text"] for record in retrieval_documents(300, (400, 800), words.encode, words.decode,
+                                                               seed=seed, kinds=kinds)]
+    sample += [FillerText(seed + 1).document(3000) for _ in range(20)]
+    processor = load_sentencepiece(train_sentencepiece(sample, os.path.join(out_dir, "tokenizer"), vocab_size))
+    paths = {}
+    for index, part in enumerate(parts):
+        records = retrieval_documents(part.docs, (part.min_tokens - 1, part.max_tokens - 1), processor.encode,
+                                      processor.decode, seed=int(np.random.SeedSequence([seed, index + 1])
+                                                                 .generate_state(1)[0]),
+                                      kinds=kinds, task_share=task_share, source=part.name)
+        paths[part.name] = write_jsonl(records, os.path.join(out_dir, "parts", f"{part.name}.jsonl"))
+    return {"parts": paths, "tokenizer_model": os.path.join(out_dir, "tokenizer.model")}
+

@@ -40,3 +40,11 @@ def test_prepare_long_context_data(tmp_path):
     # A rerun reuses the tokenized sources and will not overwrite the mixture without --force.
     again = run(env, tmp_path / "out")
     assert again.returncode == 1 and "reusing" in again.stdout and "pass --force" in again.stderr
+
+
+def test_prepare_tiny_data_refuses_a_bad_retrieval_docs(tmp_path):
+    """examples/prepare_tiny_data_cpu.sh (the quickstart's data step) checks its setting before any work."""
+    done = subprocess.run([os.path.join(REPO, "examples", "prepare_tiny_data_cpu.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "RETRIEVAL_DOCS": "many"})
+    assert done.returncode == 2 and "RETRIEVAL_DOCS=many: give a whole number (0 skips)" in done.stderr
+    assert not (tmp_path / "out").exists()
