@@ -61,7 +61,7 @@ class ComparePreset:
     eval: EvalGrid
     extension: int = 8
     seeds: int = 3
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # at most; a stage with a smaller global batch takes it whole
     vocab_size: int = 2000  # the corpus tokenizer's pieces
     # The retrieval tasks the corpus carries (data.synthetic.retrieval_kinds); None: all of them.
     kinds: tuple[str, ...] | None = None
@@ -120,7 +120,7 @@ PRESETS = {
     # Sizes from the stage-0 search in benchmarks/README.md ("compare_methods"): the smallest that retrieves at L0.
     "cpu": ComparePreset(
         name="cpu", description="two CPU cores, about 90 minutes",
-        shape=_shape(2, 128, 4, 2, 2000), l0=128,
+        shape=_shape(2, 128, 4, 2, 2000), l0=128, micro_batch_size=32,
         kinds=("passkey", "niah-ruler", "niah-lwm", "ruler-single_1"),
         stage0=Training(iters=2400, global_batch_size=32, lr="3e-3", min_lr="3e-4", warmup_iters=100, docs=50000),
         stage1=Training(iters=250, global_batch_size=4, lr="3e-4", warmup_iters=10, docs=1000),
@@ -130,7 +130,8 @@ PRESETS = {
     # Not yet run (no GPU in the session that wrote it): the cpu preset's recipe, twice the length and 4x the model.
     "gpu": ComparePreset(
         name="gpu", description="one H200, under 8 minutes (megatron.training)",
-        shape=_shape(4, 256, 8, 4, 4000), l0=256, vocab_size=4000, compact_engine=False, extra_flags=("--bf16",),
+        shape=_shape(4, 256, 8, 4, 4000), l0=256, micro_batch_size=16, vocab_size=4000, compact_engine=False,
+        extra_flags=("--bf16",),
         kinds=("passkey", "niah-ruler", "niah-lwm", "ruler-single_1"),
         stage0=Training(iters=3000, global_batch_size=64, lr="2e-3", min_lr="2e-4", warmup_iters=100, docs=200000),
         stage1=Training(iters=250, global_batch_size=8, lr="2e-4", warmup_iters=10, docs=2000),

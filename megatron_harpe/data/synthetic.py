@@ -237,9 +237,10 @@ def needle_sample(encode, decode, *, context_tokens: int, depth: float, seed: in
 # megatron_harpe.eval.ruler.ruler_sample: the same instruction, haystack, needles and question), followed by its
 # answer and, when the task takes less than the whole document, filler. The evaluation's samples are not training
 # documents: every training document draws its seed at or above 2**32 (the evaluation seeds its samples below:
-# RULER with 32-bit SeedSequence states, NIAH with --seed), so its keys, values and haystack come from another
-# random stream; classic needles name other places than the evaluation's San Francisco; a training passkey equals
-# an evaluation one only with the same key (1 in 90000), length and depth together.
+# RULER with 32-bit SeedSequence states, NIAH with its --seed, 0 by default), so its keys, values and haystack come
+# from another random stream; classic needles name other places than the evaluation's San Francisco (their
+# activities reuse its words, so that its answer is made of trained tokens); a training passkey equals an evaluation
+# one only with the same key (1 in 90000), length and depth together.
 
 NIAH_STYLES = ("classic", "ruler", "lwm")
 _TRAINING_SEEDS = 2**32  # evaluation seeds lie below
@@ -305,7 +306,7 @@ def _prompt(kind: str, encode, decode, context_tokens: int, seed: int) -> tuple[
 def _filler_to(text: str, tokens: int, encode, filler: FillerText) -> str:
     """``text`` with filler words after it until it is exactly ``tokens`` long (when the tokenizer allows)."""
     count, tail = len(encode(text)), []
-    words = iter(())
+    words, misses = iter(()), 0
     while count < tokens:
         word = next(words, None)
         if word is None:
@@ -314,7 +315,9 @@ def _filler_to(text: str, tokens: int, encode, filler: FillerText) -> str:
         size = len(encode(word))  # a word's ids do not depend on its neighbours (see data/tokenizer.py)
         if count + size <= tokens:
             tail.append(word)
-            count += size
+            count, misses = count + size, 0
+        elif (misses := misses + 1) > 10_000:  # no filler word is short enough: a tokenizer without 1-id words
+            raise ValueError(f"no filler word fits the last {tokens - count} token(s)")
     return " ".join([text, *tail]) if tail else text
 
 
