@@ -21,7 +21,7 @@ def compare_methods_parser() -> argparse.ArgumentParser:
                     "tokens, export each to Hugging Face and evaluate passkey, NIAH, RULER NIAH and perplexity from "
                     "L0 to 2 x L1. Resumable: finished steps are skipped.", allow_abbrev=False)
     p.add_argument("--preset", choices=PRESET_NAMES, required=True,
-                   help="ci: minutes, checks the chain (its numbers mean nothing); cpu: ~90 min on 2 cores; gpu: one "
+                   help="ci: minutes, checks the chain (its numbers mean nothing); cpu: ~1 hour on 2 cores; gpu: one "
                         "H200; paper: print the Llama-2-7B cluster commands")
     p.add_argument("--out", help="results directory (required but for --preset paper); an unfinished run resumes")
     p.add_argument("--seeds", type=int, help="stage-1 seeds per method (default: the preset's)")
