@@ -37,6 +37,8 @@ def compare_methods(argv: list[str] | None = None) -> int:
         from megatron_harpe.compare.methods import check_methods
 
         methods = check_methods([m for m in args.methods.split(",") if m])
+        if args.seeds is not None and args.seeds < 1:
+            raise UsageError(f"--seeds {args.seeds}: give at least 1")
         if args.preset == "paper":
             if args.out or args.force:
                 raise UsageError("--preset paper prints commands and writes nothing: drop --out / --force")

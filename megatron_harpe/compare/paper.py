@@ -4,6 +4,7 @@ as the cluster commands that run it. Printed, not run."""
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 
 from megatron_harpe.compare.methods import LABELS, METHODS
 from megatron_harpe.eval.cli import PAPER_LENGTHS
@@ -21,7 +22,7 @@ LAUNCHES = {
 }
 
 
-def commands(methods: list[str] = list(METHODS), seeds: int = 1) -> str:
+def commands(methods: Sequence[str] = METHODS, seeds: int = 1) -> str:
     lengths = ",".join(map(str, PAPER_LENGTHS))
     data = "DATA_PATH=<upsampled mixture prefix> TOKENIZER_MODEL=<Llama-2 tokenizer.model>"
     lines = ["# Stage 0 is Llama-2-7B itself (4k, base 10k): convert it once (TP 4, the 7B default layout).",
