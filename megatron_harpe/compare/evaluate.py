@@ -8,11 +8,10 @@ the same sentence every time, so a model trained on retrieval documents could an
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
-from megatron_harpe.command import RunError
+from megatron_harpe.compare.logs import run_entry
 from megatron_harpe.compare.presets import ComparePreset
 
 SUMMARY = "summary.json"
@@ -41,13 +40,7 @@ def evaluate(hf: str, out: str, preset: ComparePreset) -> dict:
 
     os.makedirs(out, exist_ok=True)
     for name, command, argv in _commands(hf, out, preset):
-        log_path = os.path.join(out, f"{name}.log")
-        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            status = getattr(cli, command)(argv)
-        if status != 0:
-            with open(log_path, errors="replace") as f:
-                tail = "".join(f.readlines()[-15:]).rstrip()
-            raise RunError(f"{command} on {hf} failed (exit {status}):\n{tail}\nwhole log: {log_path}")
+        run_entry(getattr(cli, command), argv, os.path.join(out, f"{name}.log"), f"{command} on {hf}")
     summary = summarize(out, preset)
     with open(os.path.join(out, SUMMARY), "w") as f:
         json.dump(summary, f, indent=1)

@@ -21,7 +21,8 @@ import time
 from collections.abc import Callable
 
 from megatron_harpe import recipes
-from megatron_harpe.command import RunError, UsageError
+from megatron_harpe.command import UsageError
+from megatron_harpe.compare.logs import failed, run_entry
 from megatron_harpe.compare.methods import LABELS, Stage, stages
 from megatron_harpe.compare.presets import BASE0, ComparePreset, Training
 
@@ -34,10 +35,6 @@ STAGE0_SEED = 1234
 PRETRAIN = ("from megatron_harpe.warning_filters import filter_unactionable_warnings; "
             "filter_unactionable_warnings(); import sys; from megatron_harpe.training.entry import main; "
             "sys.exit(main())")
-
-
-class CompareError(RunError):
-    """A step of the comparison failed; the message names its log."""
 
 
 def seed_of(index: int) -> int:
@@ -193,7 +190,7 @@ class Runner:
             status = subprocess.run([sys.executable, "-c", PRETRAIN, *flags], env=env, stdout=log,
                                     stderr=subprocess.STDOUT).returncode
         if status != 0:
-            raise CompareError(f"training {name} failed (exit {status}):\n{_tail(log_path)}\nwhole log: {log_path}")
+            raise failed(f"training {name}", status, log_path)
 
     def _export(self, checkpoints: str, hf: str) -> None:
         from megatron_harpe.convert.cli import megatron_to_hf
@@ -204,15 +201,7 @@ class Runner:
                        self._tokenizer, "--force"])
 
     def _command(self, name: str, entry: Callable[[list[str]], int], argv: list[str]) -> None:
-        """One of the project's commands, here, its output in the step's log."""
-        import contextlib
-
-        log_path = self._log_path(name)
-        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            print("$ " + entry.__name__ + " " + " ".join(argv), flush=True)
-            status = entry(argv)
-        if status != 0:
-            raise CompareError(f"{name} failed (exit {status}):\n{_tail(log_path)}\nwhole log: {log_path}")
+        run_entry(entry, argv, self._log_path(name), name)
 
     def _log_path(self, name: str) -> str:
         os.makedirs(self.paths.logs, exist_ok=True)
@@ -253,8 +242,3 @@ def pretrain_flags(preset: ComparePreset, stage: Stage, training: Training, *, s
     engine = ["--harpe-engine", "compact"] if preset.compact_engine else []
     return [*recipes.base_flags(preset.shape, settings), *recipes.run_flags(settings), *schedule, *stage.rope,
             *engine, "--harpe-metrics-file", metrics_file, *preset.extra_flags]
-
-
-def _tail(path: str, lines: int = 25) -> str:
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:]).rstrip()

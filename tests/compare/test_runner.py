@@ -53,3 +53,19 @@ def test_force_removes_only_what_a_comparison_writes(tmp_path):
     with pytest.raises(UsageError, match="holds mine.txt"):
         prepare_out(str(out), PRESET.summary(), force=True)
     assert (out / "mine.txt").read_text() == "the user's" and (out / MANIFEST).exists()
+
+
+def test_a_failed_command_names_its_log_and_shows_its_end(tmp_path):
+    from megatron_harpe.compare.logs import CompareError, run_entry
+
+    def entry(argv):
+        print("loading", argv[0])
+        print("error: the checkpoint is damaged")
+        return 1
+
+    log = tmp_path / "export.log"
+    with pytest.raises(CompareError, match=r"(?s)export failed \(exit 1\):.*error: the checkpoint is damaged\n"
+                                           r"whole log: .*export\.log") as raised:
+        run_entry(entry, ["ckpt"], str(log), "export")
+    assert raised.value.exit_code == 1
+    assert log.read_text().splitlines() == ["$ entry ckpt", "loading ckpt", "error: the checkpoint is damaged"]
