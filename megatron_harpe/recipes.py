@@ -136,7 +136,7 @@ def _whole(env: Mapping[str, str], name: str, default: int | None) -> int | None
         raise UsageError(f"{name}={value}: give a whole number") from None
 
 
-def _text(value: float | str) -> str:
+def flag_value(value: float | str) -> str:
     """A number as a flag value: text as given, whole floats without the '.0' (5e6 -> 5000000), exponents
     unpadded (1e-5)."""
     if isinstance(value, str):
@@ -153,7 +153,7 @@ def base_flags(shape: LlamaShape, settings: Settings) -> list[str]:
     s = settings
     return [*shape.to_megatron_flags(),
             "--seq-length", str(s.seq_length), "--max-position-embeddings", str(s.seq_length),
-            "--normalization", "RMSNorm", "--norm-epsilon", _text(shape.norm_eps), "--swiglu",
+            "--normalization", "RMSNorm", "--norm-epsilon", flag_value(shape.norm_eps), "--swiglu",
             "--disable-bias-linear", "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
             "--hidden-dropout", "0",
             "--micro-batch-size", str(s.micro_batch_size), "--global-batch-size", str(s.batch),
@@ -214,17 +214,17 @@ def harpe_rope(shape: LlamaShape, bases: list[str] | None = None) -> list[str]:
 
 
 def abf_rope(base: float | str = 5_000_000) -> list[str]:
-    return ["--position-embedding-type", "rope", "--rotary-base", _text(base)]
+    return ["--position-embedding-type", "rope", "--rotary-base", flag_value(base)]
 
 
 def pi_rope(shape: LlamaShape, factor: float | str = 32) -> list[str]:
-    return ["--position-embedding-type", "rope", "--rotary-base", _text(shape.rope_theta),
-            "--rotary-seq-len-interpolation-factor", _text(factor)]
+    return ["--position-embedding-type", "rope", "--rotary-base", flag_value(shape.rope_theta),
+            "--rotary-seq-len-interpolation-factor", flag_value(factor)]
 
 
 def yarn_rope(shape: LlamaShape, scale: float | str = 32) -> list[str]:
-    return ["--position-embedding-type", "yarn", "--rotary-base", _text(shape.rope_theta),
-            "--rotary-scaling-factor", _text(scale),
+    return ["--position-embedding-type", "yarn", "--rotary-base", flag_value(shape.rope_theta),
+            "--rotary-scaling-factor", flag_value(scale),
             "--yarn-original-max-position-embeddings", str(shape.max_position_embeddings)]
 
 
@@ -328,7 +328,7 @@ def from_env(recipe: str, env: Mapping[str, str], *, stage: int | None = None, b
         if stage is None or not 1 <= stage <= len(ABF_STAGES):
             raise UsageError(f"abf_multistage needs --stage 1..{len(ABF_STAGES)}")
         settings = abf_stage_settings(settings, stage, settings.save, _whole(env, "STAGE_TOKENS", STAGE_TOKENS))
-        base = _text(ABF_STAGES[stage - 1][0])
+        base = flag_value(ABF_STAGES[stage - 1][0])
         rope = abf_rope(base)
     elif recipe == "pi":
         rope = pi_rope(shape, env.get("PI_FACTOR") or "32")

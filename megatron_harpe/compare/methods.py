@@ -28,29 +28,26 @@ class Stage:
     rope: tuple[str, ...]
 
 
-def _number(value: float) -> str:
-    return format(value, "g")
-
-
 def rope_flags(method: str, preset: ComparePreset) -> list[str]:
     """The single-stage methods' RoPE at L1 (multi-stage ABF: its last stage's)."""
     shape = preset.shape
     if method == "none":
-        return recipes.abf_rope(_number(BASE0))
+        return recipes.abf_rope(BASE0)
     if method in ("abf", "abf_multistage"):
-        return recipes.abf_rope(_number(preset.abf_base))
+        return recipes.abf_rope(preset.abf_base)
     if method == "pi":
         return recipes.pi_rope(shape, preset.extension)
     if method == "yarn":
         return recipes.yarn_rope(shape.with_sizes(max_position_embeddings=preset.l0), preset.extension)
     low, high, stride = preset.harpe_range
     if method == "harpe_peak_valley":
-        bases = ["--harpe-strategy", "peak_valley", "--harpe-stride", _number(stride)]
+        bases = ["--harpe-strategy", "peak_valley", "--harpe-stride", recipes.flag_value(stride)]
     elif method == "harpe_uniform":
         bases = ["--harpe-strategy", "uniform"]
     else:
         raise UsageError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
-    return recipes.harpe_rope(shape, [*bases, "--harpe-base-min", _number(low), "--harpe-base-max", _number(high)])
+    return recipes.harpe_rope(shape, [*bases, "--harpe-base-min", recipes.flag_value(low),
+                                      "--harpe-base-max", recipes.flag_value(high)])
 
 
 def stages(method: str, preset: ComparePreset) -> list[Stage]:
@@ -66,7 +63,7 @@ def stages(method: str, preset: ComparePreset) -> list[Stage]:
         length = int(preset.l1 * length_fraction)
         batch = s1.global_batch_size * preset.l1 // length  # the same tokens per step at every stage
         base = round(preset.abf_base * base_fraction, -2)
-        result.append(Stage(length, batch, iters, tuple(recipes.abf_rope(_number(base)))))
+        result.append(Stage(length, batch, iters, tuple(recipes.abf_rope(base))))
     return result
 
 

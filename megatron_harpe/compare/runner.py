@@ -23,8 +23,8 @@ from collections.abc import Callable
 from megatron_harpe import recipes
 from megatron_harpe.command import UsageError
 from megatron_harpe.compare.logs import failed, run_entry
-from megatron_harpe.compare.methods import LABELS, Stage, stages
-from megatron_harpe.compare.presets import BASE0, ComparePreset, Training
+from megatron_harpe.compare.methods import LABELS, Stage, rope_flags, stages
+from megatron_harpe.compare.presets import ComparePreset, Training
 
 MANIFEST = "compare.json"
 # What a comparison writes in OUT: --force removes these, and refuses when OUT holds anything else.
@@ -109,7 +109,8 @@ class Runner:
             self._step(f"preprocess {part}", os.path.join(self.paths.data, part),
                        lambda part=part: self._preprocess(part))
         stage0 = self.paths.stage0
-        train0 = Stage(p.l0, p.stage0.global_batch_size, p.stage0.iters, tuple(recipes.abf_rope(format(BASE0, "g"))))
+        # Stage 0's RoPE is the "none" method's: Llama-2's base.
+        train0 = Stage(p.l0, p.stage0.global_batch_size, p.stage0.iters, tuple(rope_flags("none", p)))
         self._step("stage 0: pretrain at L0 from scratch", os.path.join(stage0, "train"),
                    lambda: self._pretrain("stage0", train0, p.stage0, "stage0", self.paths.checkpoints(stage0, 1, 1),
                                           "", STAGE0_SEED))
