@@ -19,8 +19,8 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str) -> str:
-    fig.tight_layout()
+def _save(fig, path: str, rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> str:
+    fig.tight_layout(rect=rect)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
@@ -122,16 +122,23 @@ def plot_niah_comparison(grids: Sequence[np.ndarray], labels: Sequence[str], len
 
 def plot_accuracy_vs_length(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float]]]],
                             lengths: Sequence[int], path: str, *, trained_length: int | None = None,
-                            title: str = "") -> str:
+                            title: str = "", limits: tuple[float, float] | None = None) -> str:
     """Write a PNG: one panel per metric (``{metric: {method: (means, stds)}}``), score against context length,
-    one line per method with its spread over seeds; a dashed line at the trained length."""
+    one line per method with its spread over seeds (clipped to ``limits``, a score's range, where given); a dashed
+    line at the trained length; one legend for all panels, below them."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
     for ax, (metric, methods) in zip(axes[0], panels.items()):
         for method, (means, stds) in methods.items():
             means, stds = np.asarray(means, dtype=float), np.asarray(stds, dtype=float)
+            low, high = means - stds, means + stds
+            if limits:
+                low, high = np.clip(low, *limits), np.clip(high, *limits)
             (line,) = ax.plot(lengths, means, marker="o", label=method)
-            ax.fill_between(lengths, means - stds, means + stds, color=line.get_color(), alpha=0.15)
+            ax.fill_between(lengths, low, high, color=line.get_color(), alpha=0.15)
+        if limits:
+            margin = 0.03 * (limits[1] - limits[0])
+            ax.set_ylim(limits[0] - margin, limits[1] + margin)
         if trained_length:
             ax.axvline(trained_length, color="grey", linestyle="--", linewidth=1)
         ax.set_xscale("log", base=2)
@@ -139,7 +146,8 @@ def plot_accuracy_vs_length(panels: dict[str, dict[str, tuple[Sequence[float], S
         ax.set_xlabel("context length (tokens)")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return _save(fig, path, rect=(0, 0.08, 1, 1))  # room for the legend row

@@ -121,7 +121,7 @@ PRESETS = {
                       perplexity_stride=256, batch_size=1)),
     # Sizes from the stage-0 search in benchmarks/README.md ("compare_methods"): the smallest that retrieves at L0.
     "cpu": ComparePreset(
-        name="cpu", description="two CPU cores, about an hour (3 seeds)",
+        name="cpu", description="two CPU cores, about 50 minutes (3 seeds)",
         shape=_shape(2, 128, 4, 2, 2000), l0=128, micro_batch_size=32,
         kinds=("passkey", "niah-ruler", "niah-lwm", "ruler-single_1"),
         stage0=Training(iters=2400, global_batch_size=32, lr="3e-3", min_lr="3e-4", warmup_iters=100, docs=50000),

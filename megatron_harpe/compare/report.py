@@ -103,7 +103,7 @@ def write_report(preset: ComparePreset, root: str, methods: list[str]) -> dict:
     curves = os.path.join(root, "pictures", "accuracy_vs_length.png")
     # Each group of files appears whole or not at all (a rerun of the report replaces them).
     with atomic_output_files([curves, *pictures.values()], force=True, flag="--out") as staged:
-        plot_accuracy_vs_length(panels, lengths, staged[curves], trained_length=preset.l1,
+        plot_accuracy_vs_length(panels, lengths, staged[curves], trained_length=preset.l1, limits=(0, 100),
                                 title=f"compare_methods, preset {preset.name}")
         for name, entry in table.items():
             plot_niah_heatmap(np.asarray(entry["niah_grid_mean"]), lengths, list(preset.eval.niah_depths),

@@ -64,7 +64,8 @@ class Paths:
 def prepare_out(out: str, summary: dict, force: bool) -> None:
     """Make OUT, resume it (same preset, any seeds), or refuse; ``force`` clears what a comparison wrote, nothing
     else."""
-    summary = {k: v for k, v in summary.items() if k != "seeds"}  # more seeds later reuse the finished ones
+    # More seeds later reuse the finished ones; the description is prose, not a setting.
+    summary = {k: v for k, v in summary.items() if k not in ("seeds", "description")}
     manifest = os.path.join(out, MANIFEST)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file: give a directory")
@@ -79,9 +80,12 @@ def prepare_out(out: str, summary: dict, force: bool) -> None:
                 previous = json.load(f)
         except (OSError, json.JSONDecodeError):
             raise UsageError(f"--out {out} has no readable {MANIFEST}: pass --force to start it over") from None
-        if previous != json.loads(json.dumps(summary)):
-            raise UsageError(f"--out {out} holds a comparison with other settings: choose another --out, or pass "
-                             "--force to replace it")
+        current = json.loads(json.dumps(summary))
+        changed = sorted(k for k in (set(previous) | set(current)) - {"description"}
+                         if previous.get(k) != current.get(k))
+        if changed:
+            raise UsageError(f"--out {out} holds a comparison with other settings ({', '.join(changed)}): choose "
+                             "another --out, or pass --force to replace it")
         return
     for entry in entries:
         path = os.path.join(out, entry)

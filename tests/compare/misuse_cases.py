@@ -37,7 +37,7 @@ CASES = [
            message=r"out holds notes\.txt, which compare_methods did not write: choose another --out "
                    r"\(--force would not delete them\)", entry=COMPARE, exit_code=2, setup=users_notes),
     Misuse("1", "compare-refuses-another-comparisons-out", ["--preset", "ci", "--out", "{tmp}/out"],
-           message=r"out holds a comparison with other settings: choose another --out, or pass --force",
+           message=r"out holds a comparison with other settings \(.+\): choose another --out, or pass --force",
            entry=COMPARE, exit_code=2, setup=other_comparison),
     Misuse("1", "compare-refuses-an-out-without-its-manifest", ["--preset", "ci", "--out", "{tmp}/out"],
            message=r"out has no readable compare\.json: pass --force to start it over", entry=COMPARE, exit_code=2,

@@ -37,7 +37,8 @@ def test_resume_takes_the_same_preset_with_more_seeds(tmp_path):
     os.makedirs(os.path.join(out, "runs", "abf"))
     prepare_out(out, PRESET.with_seeds(3).summary(), force=False)  # resumes: nothing removed
     assert os.path.isdir(os.path.join(out, "runs", "abf"))
-    with pytest.raises(UsageError, match="holds a comparison with other settings"):
+    prepare_out(out, {**PRESET.summary(), "description": "reworded"}, force=False)  # prose is not a setting
+    with pytest.raises(UsageError, match=r"holds a comparison with other settings \(.*\bl0\b.*\bshape\b.*\)"):
         prepare_out(out, PRESETS["cpu"].summary(), force=False)
 
 
