@@ -24,7 +24,8 @@ setup(
     ],
     # Never apex or transformer-engine: both come from NVIDIA's PyTorch container (see docker/).
     extras_require={
-        "test": ["pytest"],
+        # gguf, protobuf: the real Llama-2 tokenizer rebuilt from llama.cpp's vocabulary (tests/llama2_spm.py).
+        "test": ["pytest", "gguf", "protobuf"],
         # The exported HARPE model's code uses transformers 5.24's attention API (megatron_harpe/hf/).
         "hf": ["transformers>=5.24,<6"],
         "plots": ["matplotlib"],

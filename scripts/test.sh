@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup_env.sh
+./scripts/fetch_test_assets.sh
 exec .venv/bin/python -m pytest "$@"
