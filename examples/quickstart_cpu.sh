@@ -7,8 +7,8 @@
 #      scratch on the retrieval corpus at 128 tokens (compact engine, tensor parallel 2)  -> OUTDIR/run
 #   4. its Megatron checkpoint exported to Hugging Face (HARPE model, auto_map)          -> OUTDIR/hf
 #   5. Needle-in-a-Haystack heatmap and passkey accuracy of the exported model           -> OUTDIR/eval
-# Its 600 iterations (2.5M tokens, 3-6 minutes on 2 cores) only start retrieval: expect passkey around 0.3-0.5 at
-# 96-128 tokens and the needle found at some depths at its trained length, 128 (about 0.2; 0 at 96 and 112: every
+# Its 600 iterations (2.5M tokens; the whole script took 3 min 15 s on 2 cores) only start retrieval (400 give 0):
+# expect passkey around 0.3-0.5 at 96-128 tokens and the needle found at some depths at its trained length, 128 (about 0.2; 0 at 96 and 112: every
 # training document is 128 tokens long). TRAIN_ITERS=2400 (4x the time) gives passkey about 0.7.
 # Usage: examples/quickstart_cpu.sh [OUTDIR] [--force]   (settings: DOCS_PER_SOURCE, RETRIEVAL_DOCS, TRAIN_ITERS)
 set -euo pipefail
