@@ -6,12 +6,18 @@ import glob
 import gzip
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from megatron_harpe.command import RunError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
+
+
+# A JSON "\ud800" escape without its pair decodes to a lone surrogate: a str that is no Unicode text, which no
+# tokenizer encodes (sentencepiece raises a TypeError naming no line). Raw UTF-8 bytes cannot hold one.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InputError(RunError, ValueError):  # an input that cannot be read: exit 1
@@ -96,4 +102,11 @@ def parse_record(raw: bytes, jsonl: bool, keys: Sequence[str]) -> tuple[dict, st
         if not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))):
             return None, f"{key!r} is a {type(value).__name__}, not a string or a list of strings"
         values[key] = value
+    if b"\\u" in raw:
+        for key, value in values.items():
+            for text in value if isinstance(value, list) else [value]:
+                found = _SURROGATE.search(text)
+                if found:
+                    return None, (f"{key!r} holds a lone surrogate \\u{ord(found.group()):04x} (a JSON escape without "
+                                  f"its pair, at character {found.start()}), which is not Unicode text")
     return values, ""

@@ -49,9 +49,18 @@ class UntimedLanguageVars(PunktLanguageVars):
 
 
 class NewlineKeepingLanguageVars(UntimedLanguageVars):
-    """punkt boundaries that leave the whitespace after a sentence in that sentence (``--keep-newlines``)."""
+    r"""punkt boundaries that leave the whitespace after a sentence in that sentence (``--keep-newlines``).
+
+    Megatron-LM's ``CustomLanguageVars`` pattern (its tools/preprocess_data.py), anchored at a word start. Megatron's
+    own tries ``\S*`` from every position of a word, quadratic in the word's length (nltk's 5 s limit raises on a
+    100k-character word). Its matches start at word starts anyway (a match from inside a word is also one from the
+    word's start, and once a match ends inside a word the rest of that word holds none), so the anchor keeps its
+    sentences and makes the scan linear. Without the ``\S*`` (nltk's own pattern) runs like "!!!!!!" split differently.
+    """
 
     _period_context_fmt = r"""
+        (?<!\S)                      # a word start (Megatron-LM's pattern has no anchor)
+        \S*                          # some word material
         %(SentEndChars)s             # a potential sentence ending
         \s*                          # the whitespace after it stays with this sentence
         (?=(?P<after_tok>

@@ -5,11 +5,12 @@
 
 ``WordCacheEncoder`` is where the preprocessing speed is. A sentencepiece model that splits by whitespace has no
 piece spanning ``"x▁y"`` (a word character, a space, a word character), so the encoding of a text is the
-concatenation of the encodings of its space-separated words: each distinct word is encoded once (in one batched C++
-call) and looked up afterwards. Text is Zipf-distributed, so most words are seen before: 2-3x sentencepiece's own
-speed per core, with ids identical to ``tokenize(text)``. It is used only where that identity holds, which it
-checks from the model file: identity normalization, dummy prefix, spaces kept, and no vocabulary piece spanning a
-word boundary (Llama-2's tokenizer qualifies). Anything else is tokenized text by text by megatron's tokenizer.
+concatenation of the encodings of its space-separated words (a literal "▁" is a space to sentencepiece, so no text
+splits beside one): each distinct word is encoded once (in one batched C++ call) and looked up afterwards. Text is
+Zipf-distributed, so most words are seen before: 2-3x sentencepiece's own speed per core, with ids identical to
+``tokenize(text)``. It is used only where that identity holds, which it checks from the model file: identity
+normalization, dummy prefix, spaces kept, and no vocabulary piece spanning a word boundary (Llama-2's tokenizer
+qualifies). Anything else is tokenized text by text by megatron's tokenizer.
 """
 
 from __future__ import annotations
@@ -181,8 +182,9 @@ def word_cache_exactness(model_path: str) -> tuple[bool, str]:
 
 
 # A space with a non-space on both sides: the boundaries at which a text splits into independently encoded words.
-# Runs of spaces stay inside a word, since whitespace-only pieces ("▁▁") may merge them.
-_WORD_BOUNDARY = re.compile(r"(?<=[^ ]) (?=[^ ])")
+# Runs of spaces stay inside a word, since whitespace-only pieces ("▁▁") may merge them. A literal U+2581 is a space
+# once sentencepiece has escaped the text, so it counts as one on the left: "x▁ 4" is "▁x▁▁4", one run, not two words.
+_WORD_BOUNDARY = re.compile(r"(?<=[^ \u2581]) (?=[^ ])")
 
 
 class WordCacheEncoder:
@@ -199,7 +201,7 @@ class WordCacheEncoder:
 
     @staticmethod
     def words(text: str) -> list[str]:
-        if "  " in text or text[:1] == " " or text[-1:] == " ":
+        if "  " in text or text[:1] == " " or text[-1:] == " " or "\u2581" in text:
             return _WORD_BOUNDARY.split(text)
         return text.split(" ")
 

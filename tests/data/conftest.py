@@ -32,10 +32,17 @@ def corpus_texts():
     return texts + TRICKY_TEXTS
 
 
+def indented_text(lines: int = 600, seed: int = 11) -> str:
+    """Sentences indented by 0-8 spaces, as in code: what teaches a model Llama-2's whitespace-only pieces ("▁▁")."""
+    filler = FillerText(seed=seed)
+    return "\n".join(" " * (2 * (i % 5)) + filler.sentence() for i in range(lines))
+
+
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory, corpus_texts):
-    """A 1000-piece Llama-2-like sentencepiece BPE model trained at test time (about a second)."""
-    extra = [FillerText(seed=s).document(3000) for s in range(3)]
+    """A 1000-piece Llama-2-like sentencepiece BPE model trained at test time (about a second), with whitespace-only
+    pieces ("▁▁", "▁▁▁▁") as Llama-2 has: they merge a literal "▁" with the space after it."""
+    extra = [FillerText(seed=s).document(3000) for s in range(3)] + [indented_text()]
     return train_sentencepiece(corpus_texts + extra, str(tmp_path_factory.mktemp("spm") / "tiny"), vocab_size=1000)
 
 

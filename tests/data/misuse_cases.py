@@ -78,6 +78,11 @@ CASES = [
     Misuse("6", "preprocess-names-a-bad-tokenizer-model", _preprocess("SentencePieceTokenizer"),
            message=r"tokenizer\.model: not a sentencepiece model \(.*\): give a sentencepiece model file",
            entry=PREPROCESS, exit_code=1, setup=text_as_tokenizer),
+    # 6 (issue 19): a JSON escape that decodes to a lone surrogate is a bad line, not sentencepiece's TypeError.
+    Misuse("6", "preprocess-names-a-lone-surrogate-line", _preprocess("SentencePieceTokenizer", "{spm}"),
+           message=r"c\.jsonl line 2: 'text' holds a lone surrogate \\ud800 .*\. Nothing was written: fix the line, "
+                   r"or pass --skip-bad-lines", entry=PREPROCESS, exit_code=1,
+           setup=corpus('{"text": "good"}\n{"text": "bad \\ud800 here"}\n{"text": "also good"}\n')),
     Misuse("6", "preprocess-names-a-bad-llama2-tokenizer-model", _preprocess("Llama2Tokenizer"),
            message=r"tokenizer\.model: not a sentencepiece model", entry=PREPROCESS, exit_code=1,
            setup=text_as_tokenizer),

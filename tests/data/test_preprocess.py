@@ -160,6 +160,25 @@ def test_bad_line_names_its_line_and_writes_nothing(tmp_path, spm_model, capsys)
     assert len(documents(str(tmp_path / "out_text_document"))) == 3  # the blank line is not a document
 
 
+def test_a_lone_surrogate_is_a_bad_line(tmp_path, spm_model, megatron_tokenizer, capsys):
+    """JSON's "\\ud800" without its pair is no Unicode text: a bad line named by number, skipped and counted with
+    --skip-bad-lines (issue 19: sentencepiece's TypeError, naming no line, and not skipped). A pair is an emoji."""
+    lines = ['{"text": "an emoji \\ud83d\\ude00 from a pair"}', '{"text": "a lone \\ud800 high half"}',
+             '{"text": ["a list", "with a lone \\udc80 low half"]}', '{"text": "last"}']
+    corpus = tmp_path / "surrogates.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+    assert run(spm_model, "--input", corpus, "--output-prefix", tmp_path / "out") == 1
+    error = capsys.readouterr().err
+    assert "surrogates.jsonl line 2: 'text' holds a lone surrogate \\ud800" in error and "--skip-bad-lines" in error
+    assert sorted(os.listdir(tmp_path)) == ["surrogates.jsonl"]
+
+    assert run(spm_model, "--input", corpus, "--output-prefix", tmp_path / "out", "--skip-bad-lines",
+               "--append-eod") == 0
+    assert "skipped 2 bad line(s)" in capsys.readouterr().out
+    assert documents(str(tmp_path / "out_text_document")) == reference_documents(
+        megatron_tokenizer, ["an emoji \U0001f600 from a pair", "last"], append_eod=True)
+
+
 def test_missing_key_and_non_string_messages(tmp_path, spm_model, capsys):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "fine"}, {"body": "no text key"}])
     assert run(spm_model, "--input", corpus, "--output-prefix", tmp_path / "o") == 1

@@ -1,8 +1,9 @@
 import os
+import random
 
 import nltk
 import pytest
-from nltk.tokenize.punkt import save_punkt_params
+from nltk.tokenize.punkt import PunktLanguageVars, PunktSentenceTokenizer, save_punkt_params
 
 from megatron_harpe.data.sentences import (
     SPLIT_WINDOW,
@@ -93,3 +94,46 @@ def test_punkt_window_patterns_run_without_nltks_match_time_limit(trained, monke
         plain.word_tokenize(text)
     assert [m.span() for m in ours.period_context_re().finditer(text)] == spans
     assert ours.word_tokenize(text) == words
+
+
+class MegatronLMCustomLanguageVars(PunktLanguageVars):
+    """The reference: Megatron-LM's ``--keep-newlines`` pattern, quoted from its tools/preprocess_data.py
+    (``CustomLanguageVars``; the class is not in the megatron-core wheel)."""
+
+    _period_context_fmt = r"""
+        \S*                          # some word material
+        %(SentEndChars)s             # a potential sentence ending
+        \s*                       #  <-- THIS is what I changed
+        (?=(?P<after_tok>
+            %(NonWord)s              # either other punctuation
+            |
+            (?P<next_tok>\S+)     #  <-- Normally you would have \s+ here
+        ))"""
+
+
+def _sentence_ending_texts(n, seed):
+    """Short random texts full of runs of sentence-ending characters, quotes, brackets and abbreviations."""
+    rng = random.Random(seed)
+    alphabet = list("!!!???...ab A\n \t\"')") + ["Dr.", "e.g.", " The", "\n\n", "!!!!!!", "?!"]
+    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(n)]
+
+
+def test_keep_newlines_equals_megatron_lm(trained):
+    """Megatron-LM splits "Wow!!!!!! Next" where the ending run's word starts (issue 19: the pattern without its
+    leading word material split such runs differently)."""
+    megatron = PunktSentenceTokenizer(trained, lang_vars=MegatronLMCustomLanguageVars())
+    ours = SentenceSplitter(trained, keep_newlines=True)
+    texts = [TEXT, "First one.\nSecond one.  Third\n\nfourth ends.", FillerText(seed=5).document(300),
+             "Wow!!!!!! Next one?! And... then \"quoted.\" (Bracketed.) end"] + _sentence_ending_texts(3000, seed=0)
+    differ = [text for text in texts if ours.split(text) != megatron.tokenize(text)]
+    assert not differ, f"{len(differ)} of {len(texts)} split differently from Megatron-LM, e.g. {differ[:3]}"
+
+
+@pytest.mark.parametrize("word", ["a" * 100_000, "!" * 100_000, "a." * 50_000])
+def test_keep_newlines_splits_a_100k_character_word(trained, word):
+    """Megatron-LM's own pattern is quadratic in a word's length (nltk's 5 s limit raises on the first word); the
+    anchored one is linear, so these finish, and every character stays in some sentence."""
+    text = f"Before it. {word} after it. Tail"
+    sentences = SentenceSplitter(trained, keep_newlines=True).split(text)
+    assert "".join(sentences) == text
+    assert sentences[0] == "Before it. " and sentences[-1] == "Tail"
