@@ -3,13 +3,18 @@
 
     python benchmarks/preprocess.py --megatron-lm /path/to/Megatron-LM      # its tools/preprocess_data.py is run
     python benchmarks/preprocess.py --sizes 20,40,80 --workers 1,2
+    python benchmarks/preprocess.py --megatron-lm DIR --text real --llama2-tokenizer   # real text, Llama-2's model
 
-Both tools get the same synthetic JSONL corpus (Fu et al.'s SlimPajama source mix of document lengths), the same
-2000-piece sentencepiece BPE model (trained here), ``--tokenizer-type SentencePieceTokenizer --append-eod`` and the
-same ``--workers``, as separate processes. For each size and worker count it records wall time, tokens written and
-the peak memory of the whole process tree (proportional set size, so pages forked workers share count once;
-sampled every 50 ms), and checks that the two token streams (.bin and
-.idx) are byte-identical. Throughput is marginal: (tokens at the largest size - tokens at the smallest) / (extra
+Both tools get the same JSONL corpus, the same sentencepiece model, ``--tokenizer-type T --append-eod`` and the same
+``--workers``, as separate processes. The corpus is synthetic (``--text synthetic``: Fu et al.'s SlimPajama source
+mix of document lengths) or real (``--text real``: this machine's own English text, Python's standard-library
+docstrings, the licenses and copyright files under /usr/share, then man pages with their roff requests dropped, in a
+fixed order, no document repeated). The model is a 2000-piece BPE trained here, ``--tokenizer-model``, or
+``--llama2-tokenizer``: the real Llama-2 tokenizer rebuilt from llama.cpp's vocabulary (tests/llama2_spm.py; needs
+``scripts/fetch_test_assets.sh`` once), with ``--tokenizer-type Llama2Tokenizer``. For each size and worker count
+it records wall time, tokens written and the peak memory of the whole process tree (proportional set size, so pages
+forked workers share count once; sampled every 50 ms), and checks that the two token streams (.bin and .idx) are
+byte-identical. Throughput is marginal: (tokens at the largest size - tokens at the smallest) / (extra
 wall time), which cancels both tools' fixed start-up (python imports of torch and megatron, ~6 s here) so the number
 is what a large corpus sees; the end-to-end rate at the largest size is printed too. The contenders alternate
 within each configuration. The table comes last.
@@ -51,9 +56,57 @@ def make_corpus(path: str, megabytes: int, seed: int = 0) -> str:
     return path
 
 
-def run_tool(script: str, corpus: str, prefix: str, model: str, workers: int) -> dict:
+def real_documents():
+    """This machine's English text, in a fixed order: docstrings, licenses and copyright files, man pages."""
+    import ast
+    import glob
+    import gzip
+    import sysconfig
+
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "**", "*.py"), recursive=True)):
+        try:
+            tree = ast.parse(open(path, encoding="utf-8").read())
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                if doc := ast.get_docstring(node):
+                    yield doc
+    for path in sorted(glob.glob("/usr/share/common-licenses/*") + glob.glob("/usr/share/doc/*/copyright")):
+        try:
+            yield open(path, encoding="utf-8").read()
+        except (UnicodeDecodeError, OSError):
+            continue
+    for path in sorted(glob.glob("/usr/share/man/man*/*.gz")):
+        try:
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                # roff requests and comments (lines starting with "." or "'") are markup, not text.
+                yield "".join(line for line in f if not line.startswith((".", "'")))
+        except (UnicodeDecodeError, OSError, EOFError):
+            continue
+
+
+def make_real_corpus(path: str, megabytes: int) -> str:
+    if os.path.exists(path) and os.path.getsize(path) >= megabytes * 1e6 * 0.98:
+        return path
+    total = 0
+    with open(path + ".partial", "w", encoding="utf-8") as f:
+        for text in real_documents():
+            line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
+            f.write(line)
+            total += len(line.encode())
+            if total >= megabytes * 1e6:
+                break
+    if total < megabytes * 1e6 * 0.98:
+        os.remove(path + ".partial")
+        sys.exit(f"error: this machine has only {total / 1e6:.0f} MB of real text: give smaller --sizes")
+    os.replace(path + ".partial", path)
+    return path
+
+
+def run_tool(script: str, corpus: str, prefix: str, model: str, workers: int, tokenizer_type: str) -> dict:
     result = run_measured([sys.executable, script, "--input", corpus, "--output-prefix", prefix, "--tokenizer-type",
-                           "SentencePieceTokenizer", "--tokenizer-model", model, "--append-eod", "--workers", workers,
+                           tokenizer_type, "--tokenizer-model", model, "--append-eod", "--workers", workers,
                            "--log-interval", "1000000"])
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -93,6 +146,11 @@ def main() -> int:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "harpe_preprocess_bench"))
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--text", choices=("synthetic", "real"), default="synthetic")
+    tokenizer = p.add_mutually_exclusive_group()
+    tokenizer.add_argument("--tokenizer-model", help="a sentencepiece model (default: a 2000-piece BPE trained here)")
+    tokenizer.add_argument("--llama2-tokenizer", action="store_true",
+                           help="Llama-2's tokenizer rebuilt from llama.cpp's vocabulary (Llama2Tokenizer)")
     args = p.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     worker_counts = [int(w) for w in args.workers.split(",")]
@@ -104,11 +162,24 @@ def main() -> int:
     from megatron_harpe.data.synthetic import FillerText
     from megatron_harpe.data.tokenizer import train_sentencepiece
 
-    model = os.path.join(args.work_dir, "bpe2k.model")
-    if not os.path.exists(model):
-        train_sentencepiece((FillerText(seed=s).document(20000) for s in range(20)), model[:-len(".model")],
-                            vocab_size=2000)
-    corpora = {size: make_corpus(os.path.join(args.work_dir, f"corpus_{size}mb.jsonl"), size) for size in sizes}
+    tokenizer_type, model = "SentencePieceTokenizer", args.tokenizer_model
+    if args.llama2_tokenizer:
+        sys.path.insert(0, os.path.join(REPO, "tests"))
+        from llama2_spm import FETCH_HINT, build_llama2_tokenizer_model, sdist_path
+
+        if not sdist_path().is_file():
+            sys.exit(f"error: --llama2-tokenizer: no {sdist_path()}: {FETCH_HINT}")
+        from pathlib import Path
+
+        tokenizer_type, (model, _) = "Llama2Tokenizer", build_llama2_tokenizer_model(Path(args.work_dir))
+        model = str(model)
+    elif model is None:
+        model = os.path.join(args.work_dir, "bpe2k.model")
+        if not os.path.exists(model):
+            train_sentencepiece((FillerText(seed=s).document(20000) for s in range(20)), model[:-len(".model")],
+                                vocab_size=2000)
+    make = make_real_corpus if args.text == "real" else make_corpus
+    corpora = {size: make(os.path.join(args.work_dir, f"corpus_{args.text}_{size}mb.jsonl"), size) for size in sizes}
     tools = {"ours": OURS} | ({"megatron-lm": megatron} if megatron else {})
     results = []
     for workers in worker_counts:
@@ -119,7 +190,7 @@ def main() -> int:
                 for suffix in ("_text_document.bin", "_text_document.idx"):
                     if os.path.exists(prefix + suffix):
                         os.remove(prefix + suffix)
-                result = run_tool(script, corpora[size], prefix, model, workers)
+                result = run_tool(script, corpora[size], prefix, model, workers, tokenizer_type)
                 result.update(tool=name, size_mb=size, workers=workers)
                 results.append(result)
                 prefixes[name] = prefix
@@ -137,7 +208,8 @@ def main() -> int:
     def pick(tool, size, workers):
         return next(r for r in results if r["tool"] == tool and r["size_mb"] == size and r["workers"] == workers)
 
-    print(f"\nsynthetic JSONL, Fu et al. source mix; 2000-piece BPE; sizes {sizes} MB; "
+    text = "real text (docstrings, licenses, man pages)" if args.text == "real" else "synthetic JSONL, Fu et al. mix"
+    print(f"\n{text}; {tokenizer_type} {os.path.basename(model)}; sizes {sizes} MB; "
           f"{psutil.cpu_count()} CPUs; marginal rate between the smallest and largest size")
     header = "| tool | workers | M tok/s (marginal) | M tok/s end to end | peak MiB per size | identical |"
     print(header)
