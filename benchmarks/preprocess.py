@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 import psutil
 
@@ -169,10 +170,7 @@ def main() -> int:
 
         if not sdist_path().is_file():
             sys.exit(f"error: --llama2-tokenizer: no {sdist_path()}: {FETCH_HINT}")
-        from pathlib import Path
-
-        tokenizer_type, (model, _) = "Llama2Tokenizer", build_llama2_tokenizer_model(Path(args.work_dir))
-        model = str(model)
+        tokenizer_type, model = "Llama2Tokenizer", str(build_llama2_tokenizer_model(Path(args.work_dir))[0])
     elif model is None:
         model = os.path.join(args.work_dir, "bpe2k.model")
         if not os.path.exists(model):
