@@ -1,3 +1,5 @@
+import random
+
 import pytest
 
 from megatron_harpe.data.synthetic import FillerText, source_documents
@@ -16,6 +18,18 @@ TRICKY_TEXTS = [
     "",
     "x",
 ]
+
+
+# Where a literal sentencepiece space mark meets real spaces, tabs and newlines (issue 19), with byte-fallback text.
+SPACE_MARK_ALPHABET = list("ab x1 \t\n\u2581é日🙂") + ["\u2581\u2581", "  ", "    ", "the", "9"]
+
+
+@pytest.fixture(scope="session")
+def space_mark_texts():
+    """"x▁ 4" (issue 19's example) and 4,000 random strings of up to 16 symbols of ``SPACE_MARK_ALPHABET``."""
+    rng = random.Random(0)
+    fuzzed = ["".join(rng.choice(SPACE_MARK_ALPHABET) for _ in range(rng.randint(0, 16))) for _ in range(4000)]
+    return ["x\u2581 4"] + fuzzed
 
 
 @pytest.fixture(scope="session")

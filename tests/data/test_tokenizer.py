@@ -32,21 +32,14 @@ def test_word_cache_equals_megatron_tokenize(spm_model, megatron_tokenizer, corp
     assert encoder.encode(texts[::-1]) == [megatron_tokenizer.tokenize(t) for t in texts[::-1]]
 
 
-def _space_mark_fuzz_texts(n, seed):
-    """Short random strings in which a literal U+2581 meets spaces, tabs and newlines (issue 19)."""
-    rng = random.Random(seed)
-    alphabet = list("ab x1 \t\n\u2581") + ["\u2581\u2581", "  ", "the", "é", "9"]
-    return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(n)]
-
-
-def test_word_cache_equals_sentencepiece_where_a_literal_space_mark_meets_spaces(spm_model):
+def test_word_cache_equals_sentencepiece_where_a_literal_space_mark_meets_spaces(spm_model, space_mark_texts):
     """sentencepiece escapes a space as U+2581, so a literal one is a space to it: "x▁ 4" is "▁x▁▁4", where "▁▁" is one
-    piece. Splitting at that space encoded "x▁" and "4" apart (issue 19: 7,322 of 200,000 of these strings differed with
-    Llama-2's model, 0 since)."""
+    piece. Splitting at that space encoded "x▁" and "4" apart (issue 19: 7,322 of 200,000 strings of this kind
+    differed with Llama-2's model, 0 since)."""
     processor = sentencepiece.SentencePieceProcessor(model_file=spm_model)
     assert {"\u2581\u2581", "\u2581" * 4} <= {processor.id_to_piece(i) for i in range(processor.vocab_size())}
     assert WordCacheEncoder(processor).encode_one("x\u2581 4") == processor.encode("x\u2581 4")
-    texts = _space_mark_fuzz_texts(4000, seed=0)
+    texts = space_mark_texts
     got = WordCacheEncoder(processor).encode(texts)
     differ = [text for text, ids, want in zip(texts, got, processor.encode(texts)) if ids != want]
     assert not differ, f"{len(differ)} of {len(texts)} differ from sentencepiece, e.g. {differ[:3]}"
