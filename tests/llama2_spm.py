@@ -17,8 +17,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = Path(os.environ.get("HARPE_TEST_ASSETS", ROOT / ".venv" / "test-assets"))
-SDIST = "llama_cpp_python-0.3.36.tar.gz"
-VOCAB = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
+VERSION = "0.3.36"  # llama-cpp-python's; scripts/fetch_test_assets.sh reads it (and ASSETS, SDIST) from here
+SDIST = f"llama_cpp_python-{VERSION}.tar.gz"
+VOCAB = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf"
 SEPARATOR = "\n__ggml_vocab_test__\n"
 FETCH_HINT = "run scripts/fetch_test_assets.sh (needs network once) to fetch llama-cpp-python's sdist"
 

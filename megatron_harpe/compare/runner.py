@@ -61,11 +61,14 @@ class Paths:
         return os.path.join(run, f"stage{stage}" if n_stages > 1 else "", "checkpoints")
 
 
+# Summary keys a resumed --out may differ in: more seeds later reuse the finished ones; the description is prose.
+NOT_SETTINGS = ("seeds", "description")
+
+
 def prepare_out(out: str, summary: dict, force: bool) -> None:
     """Make OUT, resume it (same preset, any seeds), or refuse; ``force`` clears what a comparison wrote, nothing
     else."""
-    # More seeds later reuse the finished ones; the description is prose, not a setting.
-    summary = {k: v for k, v in summary.items() if k not in ("seeds", "description")}
+    summary = {k: v for k, v in summary.items() if k not in NOT_SETTINGS}
     manifest = os.path.join(out, MANIFEST)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} is a file: give a directory")
@@ -81,7 +84,7 @@ def prepare_out(out: str, summary: dict, force: bool) -> None:
         except (OSError, json.JSONDecodeError):
             raise UsageError(f"--out {out} has no readable {MANIFEST}: pass --force to start it over") from None
         current = json.loads(json.dumps(summary))
-        changed = sorted(k for k in (set(previous) | set(current)) - {"description"}
+        changed = sorted(k for k in (set(previous) | set(current)) - set(NOT_SETTINGS)  # older manifests hold them
                          if previous.get(k) != current.get(k))
         if changed:
             raise UsageError(f"--out {out} holds a comparison with other settings ({', '.join(changed)}): choose "

@@ -3,8 +3,8 @@
 Same flags, file names (``{prefix}_{key}_{document|sentence}``), ids and document/sentence structure as Megatron-LM's
 ``tools/preprocess_data.py``, 2.6x its throughput per worker on real text with Llama-2's tokenizer
 (``benchmarks/README.md``). Where the time goes there (a pickled list per document crossing processes, one
-tokenizer call per document) is replaced by 1 MB chunks per task, exact word-cached sentencepiece encoding (``tokenizer.WordCacheEncoder``) and one numpy array per
-chunk back. Memory stays flat: at most ``2 x workers`` chunks are in flight and the word cache is bounded.
+tokenizer call per document) is replaced by 1 MB chunks per task, exact word-cached sentencepiece encoding
+(``tokenizer.WordCacheEncoder``) and one numpy array per chunk back. Memory stays flat: at most ``2 x workers`` chunks are in flight and the word cache is bounded.
 Differences, on purpose: sentence splitting works offline, nothing is overwritten without ``--force``, output
 appears only when complete, a malformed line is an error naming its line (or is skipped with
 ``--skip-bad-lines``), blank lines are skipped, and plain-text files (one document each) are read too.
