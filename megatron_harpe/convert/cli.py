@@ -69,7 +69,9 @@ def hf_to_megatron(argv: list[str] | None = None) -> int:
         refuse_unused_search_flags(args)  # before any work
         from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint
         from megatron_harpe.convert.mapping import GLOBAL_TABLE
-        from megatron_harpe.convert.megatron_checkpoint import megatron_args, write_torch, write_torch_dist
+        from megatron_harpe.convert.megatron_checkpoint import megatron_args
+        from megatron_harpe.convert.torch_dist_format import write_torch_dist
+        from megatron_harpe.convert.torch_format import write_torch
         from megatron_harpe.convert.rope_scaling import describe
 
         _check_out(args.out, args.force, {"--hf-dir": args.hf_dir})
@@ -190,8 +192,8 @@ def reshard(argv: list[str] | None = None) -> int:
             hf_tensors,
             megatron_full_tensors,
             run_dtype,
-            write_torch,
         )
+        from megatron_harpe.convert.torch_format import write_torch
 
         _check_out(args.out, args.force, {"--megatron-dir": args.megatron_dir})
         path, fmt, margs = read_checkpoint(args.megatron_dir, args.iteration, allow_pickle=args.allow_pickle)

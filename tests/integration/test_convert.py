@@ -220,7 +220,7 @@ def test_bad_inputs(tmp_path, hf_dirs, capsys):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, hf_dirs, monkeypatch):
-    import megatron_harpe.convert.megatron_checkpoint as writers
+    import megatron_harpe.convert.torch_format as writers
 
     def fail_midway(root, read_hf, shape, args, dtype, progress=None):
         os.makedirs(os.path.join(root, "release", "mp_rank_00"))
