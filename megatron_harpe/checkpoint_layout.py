@@ -15,6 +15,7 @@ checkpoint is refused outright, because torch.distributed.checkpoint's ``FileSys
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import os
 import pickle
@@ -127,17 +128,21 @@ def _damaged(file: str, e: BaseException) -> CheckpointError:
 
 # torch's zip reader and both unpicklers, on a cut or overwritten file
 _READ_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError)
+# torch's zip reader (2.14) on some cut files: EINVAL, seeking by garbage offsets (other OSErrors are the disk's)
+_CUT_ERRNO = errno.EINVAL
 
 
-def load_torch_file(file: str, allow_pickle: bool = False, **kwargs):
+def load_torch_file(file: str, allow_pickle: bool = False, map_location: str = "cpu", **kwargs):
     """``torch.load`` of a Megatron ``model_optim_rng.pt``: tensors and megatron's safe globals only, unless
-    ``allow_pickle`` (then a file that needs more is unpickled in full). A damaged file is one clear error."""
+    ``allow_pickle`` (then a file that needs more is unpickled in full). A damaged file is one clear error.
+    ``map_location="meta"``: the structure alone, each tensor's storage carrying its byte offset in the file
+    (``untyped_storage()._checkpoint_offset``); no tensor bytes are read."""
     import torch
 
     import megatron.core  # noqa: F401  registers megatron.core.safe_globals with torch (Namespace, enums, rng state)
 
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, **kwargs)
+        return torch.load(file, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         # Refused globals (a __reduce__ payload, a class torch does not know) vs a damaged stream.
         if "GLOBAL" not in str(e) and "allowlisted" not in str(e):
@@ -146,13 +151,21 @@ def load_torch_file(file: str, allow_pickle: bool = False, **kwargs):
         refusal = refusal.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "").strip()
     except _READ_ERRORS as e:
         raise _damaged(file, e) from None
+    except OSError as e:
+        if e.errno != _CUT_ERRNO:
+            raise
+        raise _damaged(file, e) from None
     if not allow_pickle:
         raise UnsafeCheckpointError(f"{file} holds objects beyond tensors and Megatron's own types ({refusal[:200]}): "
                                     "loading it would unpickle them, which runs any code they carry; pass "
                                     "--allow-pickle only if you trust it")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False, **kwargs)
+        return torch.load(file, map_location=map_location, weights_only=False, **kwargs)
     except _READ_ERRORS as e:
+        raise _damaged(file, e) from None
+    except OSError as e:
+        if e.errno != _CUT_ERRNO:
+            raise
         raise _damaged(file, e) from None
 
 
@@ -191,18 +204,22 @@ def check_torch_dist_files(path: str) -> None:
 
 
 def _is_cut(e: BaseException) -> bool:
+    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException: each rank's error
+    if isinstance(failures, dict):
+        return any(_is_cut(f[0] if isinstance(f, tuple) else f) for f in failures.values())
     return isinstance(e, (EOFError, pickle.UnpicklingError)) or "Ran out of input" in str(e)
 
 
-def load_torch_dist(sharded_state_dict: dict, path: str, allow_pickle: bool = False) -> dict:
-    """``dist_checkpointing.load`` behind the opt-in, with damaged files named."""
+def load_torch_dist(sharded_state_dict: dict, path: str, allow_pickle: bool = False, **load_options) -> dict:
+    """``dist_checkpointing.load`` behind the opt-in, with damaged files named; ``load_options`` go to it (a partial
+    load: ``validate_access_integrity=False``; a shared ``sharded_strategy``)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     require_pickle_opt_in(path, allow_pickle)
     check_torch_dist_files(path)
     try:
-        return dist_checkpointing.load(sharded_state_dict, path)
+        return dist_checkpointing.load(sharded_state_dict, path, **load_options)
     except (Exception, CheckpointException) as e:  # torch's reader: EOFError/RuntimeError (wrapped) for cut files
         if _is_cut(e) or "PytorchStreamReader" in str(e):
             raise CheckpointError(f"{path} is damaged ({_first_line(e)}): re-copy the checkpoint from where it was "
@@ -210,8 +227,9 @@ def load_torch_dist(sharded_state_dict: dict, path: str, allow_pickle: bool = Fa
         raise
 
 
-def common_state(path: str, fmt: str, allow_pickle: bool = False) -> dict:
-    """The non-sharded state (args, iteration, ...); for ``torch`` format the whole rank-0 shard, weights included."""
+def common_state(path: str, fmt: str, allow_pickle: bool = False, weights: bool = True) -> dict:
+    """The non-sharded state (args, iteration, ...); for ``torch`` format the whole rank-0 shard, weights included
+    (``weights`` False: as meta tensors, no bytes read)."""
     if fmt == "torch_dist":
         from megatron.core import dist_checkpointing
         from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
@@ -227,7 +245,7 @@ def common_state(path: str, fmt: str, allow_pickle: bool = False) -> dict:
                                       "was saved") from None
             raise
     else:
-        common = load_torch_file(_rank_files_found(path)[0], allow_pickle)
+        common = load_torch_file(_rank_files_found(path)[0], allow_pickle, "cpu" if weights else "meta")
     if "args" not in common:
         raise CheckpointError(f"{path} carries no saved args; it was not written by Megatron-LM's checkpointing")
     return common
@@ -240,7 +258,7 @@ def load_checkpoint_args(root: str, iteration: int | None = None, *,
     ``torch_dist`` needs ``allow_pickle`` (:class:`UnsafeCheckpointError` otherwise): see the module docstring.
     """
     path = iteration_dir(root, iteration)
-    return common_state(path, checkpoint_format(path), allow_pickle)["args"]
+    return common_state(path, checkpoint_format(path), allow_pickle, weights=False)["args"]
 
 
 def read_checkpoint(root: str, iteration: int | None = None,
@@ -248,4 +266,4 @@ def read_checkpoint(root: str, iteration: int | None = None,
     """``(iteration directory, format, saved args)`` of a Megatron-LM checkpoint (torch_dist needs ``allow_pickle``)."""
     path = iteration_dir(root, iteration)
     fmt = checkpoint_format(path)
-    return path, fmt, common_state(path, fmt, allow_pickle)["args"]
+    return path, fmt, common_state(path, fmt, allow_pickle, weights=False)["args"]

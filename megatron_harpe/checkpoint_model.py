@@ -1,8 +1,8 @@
 """The model a checkpoint's saved args describe, built in this process to hold weights (not to train).
 
-Conversion writes and reads ``torch_dist`` through a TP=1 model (:func:`single_rank_model`); :func:`load_model`
-rebuilds a trained model (HARPE or standard RoPE) on the caller's parallel layout, for evaluation and tests. Both
-build on a CPU through :mod:`megatron_harpe.cpu_compat`, and need no Transformer Engine.
+Conversion writes and reads ``torch_dist`` through a TP=1 model on the meta device (:func:`meta_model`);
+:func:`load_model` rebuilds a trained model (HARPE or standard RoPE) on the caller's parallel layout, for evaluation
+and tests. Both build on a CPU through :mod:`megatron_harpe.cpu_compat`, and need no Transformer Engine.
 """
 
 from __future__ import annotations
@@ -37,14 +37,29 @@ def _args_for_weights(saved: argparse.Namespace, dtype: torch.dtype, local_spec:
     return args
 
 
+def _at_layout(args: argparse.Namespace, tp: int, pp: int, cp: int = 1) -> None:
+    """Set the parallel layout, and undo what validate_args derived from the saved one: it resolves
+    ``tensor_parallel_num_weight_shards`` to TP x GTP remat (megatron-core's model_parallel_config), which at
+    another TP is an error (fewer shards than TP) or a silent weight-remat factor (a multiple of it)."""
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size = tp, pp, cp
+    args.tensor_parallel_num_weight_shards, args.gtp_weight_remat_size = None, 1
+    args.expert_tensor_parallel_size = None  # TransformerConfig defaults it to TP
+    args.expert_tensor_parallel_num_weight_shards, args.expert_gtp_weight_remat_size = None, 1
+    args.sequence_parallel = bool(getattr(args, "sequence_parallel", False)) and tp > 1  # as validate_args at TP=1
+
+
 @contextmanager
-def single_rank_model(args: argparse.Namespace, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
-    """The model ``args`` describe at TP=PP=1 in this process (a gloo world of one), torn down afterwards."""
+def meta_model(args: argparse.Namespace, dtype: torch.dtype) -> Iterator[torch.nn.Module]:
+    """The model ``args`` describe at TP=PP=1 in this process (a gloo world of one), every parameter on the meta
+    device: its ``sharded_state_dict()`` is the checkpoint layout without storage; give a part of it storage with
+    ``module.to_empty(device="cpu")``."""
     args = _args_for_weights(args, dtype, local_spec=True)  # torch_dist keys are the same for both specs
-    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
-    args.perform_initialization = False  # every weight is overwritten: skip megatron's random init
+    _at_layout(args, 1, 1)
+    args.perform_initialization = False  # nothing to initialise on meta; every weight is loaded or written
     with single_process_world(), megatron_on_cpu():
-        yield _build_model(args)
+        with torch.device("meta"):
+            model = _build_model(args)
+        yield model
 
 
 def load_model(root: str, iteration: int | None = None, *, rope_impl: str | None = None,
@@ -62,9 +77,9 @@ def load_model(root: str, iteration: int | None = None, *, rope_impl: str | None
     fmt = checkpoint_format(path)
     common = common_state(path, fmt, allow_pickle)
     args = _args_for_weights(common["args"], torch.float32, local_spec=not have_te())
-    args.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
-    args.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
-    args.context_parallel_size = parallel_state.get_context_parallel_world_size()
+    _at_layout(args, parallel_state.get_tensor_model_parallel_world_size(),
+               parallel_state.get_pipeline_model_parallel_world_size(),
+               parallel_state.get_context_parallel_world_size())
     if rope_impl is not None:
         args.harpe_rope_impl = rope_impl
     args.bf16 = args.fp16 = False

@@ -51,9 +51,9 @@ def hf_to_megatron(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--format", choices=["torch_dist", "torch"], default="torch_dist",
-                   help="torch_dist loads at any TP/PP (needs the whole model in RAM to write); torch streams one "
-                        "rank at a time and loads at this TP/PP only (train with --auto-detect-ckpt-format to "
-                        "continue in torch_dist)")
+                   help="torch_dist (Megatron's default) loads at any TP/PP; torch loads at this TP/PP only (train "
+                        "with --auto-detect-ckpt-format to continue in torch_dist). Both are written one tensor at a "
+                        "time, each Hugging Face tensor read once")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the checkpoint's torch_dtype (else bf16)")
     p.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default="transformer_engine",
                    help="the layer spec the torch format's key names follow (torch_dist fits both)")
@@ -68,7 +68,7 @@ def hf_to_megatron(argv: list[str] | None = None) -> int:
     def body():
         refuse_unused_search_flags(args)  # before any work
         from megatron_harpe.convert.hf_checkpoint import DTYPES, HFCheckpoint
-        from megatron_harpe.convert.mapping import GLOBAL_TABLE
+        from megatron_harpe.convert.mapping import GLOBAL_TABLE, LAYER_TABLE
         from megatron_harpe.convert.megatron_checkpoint import megatron_args
         from megatron_harpe.convert.torch_dist_format import write_torch_dist
         from megatron_harpe.convert.torch_format import write_torch
@@ -87,12 +87,12 @@ def hf_to_megatron(argv: list[str] | None = None) -> int:
                               transformer_impl=args.transformer_impl, seq_length=seq_length, harpe_bases=bases)
         with atomic_output_dir(args.out, force=args.force, tool="convert_hf_to_megatron",
                                inputs={"--hf-dir": args.hf_dir}) as tmp:
-            if args.format == "torch":
-                steps = args.tp * (len(GLOBAL_TABLE) + hf.shape.num_layers)
-                with _progress(steps, "converting") as bar:
+            if args.format == "torch":  # progress: one step a global tensor or a layer
+                with _progress(len(GLOBAL_TABLE) + hf.shape.num_layers, "converting") as bar:
                     write_torch(tmp, hf.read, hf.shape, margs, DTYPES[dtype], bar.update)
-            else:
-                write_torch_dist(tmp, hf.read, hf.shape, margs, DTYPES[dtype])
+            else:  # one step a megatron parameter
+                with _progress(len(GLOBAL_TABLE) + hf.shape.num_layers * len(LAYER_TABLE), "converting") as bar:
+                    write_torch_dist(tmp, hf.read, hf.shape, margs, DTYPES[dtype], bar.update)
         print(f"wrote {args.out} ({args.format}, TP={args.tp} PP={args.pp}, {dtype}, padded vocab "
               f"{margs.padded_vocab_size}" + (f", {len(bases)} HARPE bases" if bases else ", standard RoPE")
               + describe(hf.shape.rope_scaling) + ")")

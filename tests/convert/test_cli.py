@@ -56,12 +56,14 @@ def test_full_disk_during_torch_save(tmp_path, request, capsys, monkeypatch, err
     assert os.listdir(tmp_path) == ["hf"]  # nothing partial beside the input
 
 
-def test_full_disk_during_torch_dist_save(tmp_path, request, capsys, monkeypatch):
-    """megatron's writer swallows the worker's OSError (it asserts on its type); the errno still reaches the user."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+@pytest.mark.parametrize("error", [ENOSPC, TORCH_ZIP_FULL], ids=["oserror", "torch-zip-writer"])
+def test_full_disk_during_torch_dist_save(tmp_path, request, capsys, monkeypatch, error):
+    """torch.distributed.checkpoint wraps the file writer's error in a CheckpointException; the cause still reaches
+    the user."""
+    from torch.distributed.checkpoint import filesystem
 
     hf = copy_of("hf", tmp_path / "hf", request.getfixturevalue)
-    monkeypatch.setattr(filesystem_async, "_write_item", fail_with(ENOSPC))
+    monkeypatch.setattr(filesystem, "_write_item", fail_with(error))
     assert hf_to_megatron(["--hf-dir", str(hf), "--out", str(tmp_path / "m"), "--format", "torch_dist"]) == 1
     assert f"{tmp_path / 'm'} failed: no space left on the device" in capsys.readouterr().err
     assert not [p for p in os.listdir(tmp_path) if p != "hf"]
