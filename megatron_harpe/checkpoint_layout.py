@@ -128,8 +128,12 @@ def _damaged(file: str, e: BaseException) -> CheckpointError:
 
 # torch's zip reader and both unpicklers, on a cut or overwritten file
 _READ_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, KeyError)
-# torch's zip reader (2.14) on some cut files: EINVAL, seeking by garbage offsets (other OSErrors are the disk's)
-_CUT_ERRNO = errno.EINVAL
+
+
+def _is_damage(e: BaseException) -> bool:
+    """A read error of a cut or overwritten file; torch's zip reader (2.14) also raises EINVAL on some cut files,
+    seeking by garbage offsets (other OSErrors are the disk's, and pass)."""
+    return isinstance(e, _READ_ERRORS) or (isinstance(e, OSError) and e.errno == errno.EINVAL)
 
 
 def load_torch_file(file: str, allow_pickle: bool = False, map_location: str = "cpu", **kwargs):
@@ -149,10 +153,8 @@ def load_torch_file(file: str, allow_pickle: bool = False, map_location: str = "
             raise _damaged(file, e) from None
         refusal = next(line for line in str(e).splitlines() if "GLOBAL" in line or "allowlisted" in line)
         refusal = refusal.split(" was not an allowed global")[0].replace("WeightsUnpickler error: ", "").strip()
-    except _READ_ERRORS as e:
-        raise _damaged(file, e) from None
-    except OSError as e:
-        if e.errno != _CUT_ERRNO:
+    except (*_READ_ERRORS, OSError) as e:
+        if not _is_damage(e):
             raise
         raise _damaged(file, e) from None
     if not allow_pickle:
@@ -161,10 +163,8 @@ def load_torch_file(file: str, allow_pickle: bool = False, map_location: str = "
                                     "--allow-pickle only if you trust it")
     try:
         return torch.load(file, map_location=map_location, weights_only=False, **kwargs)
-    except _READ_ERRORS as e:
-        raise _damaged(file, e) from None
-    except OSError as e:
-        if e.errno != _CUT_ERRNO:
+    except (*_READ_ERRORS, OSError) as e:
+        if not _is_damage(e):
             raise
         raise _damaged(file, e) from None
 
