@@ -66,7 +66,7 @@ def write_torch(root: str, read_hf: Callable[[str], torch.Tensor], shape: LlamaS
                 torch.save(_rank_skeleton(shape, args, dtype, tp_rank, pp_rank), path)
     with _RankFiles(files) as out:
         for megatron, hf, combination, where in GLOBAL_TABLE:
-            full = _full_tensor(read_hf, megatron, [hf], combination, shape, args, dtype)
+            full = _full_tensor(read_hf, [hf], combination, shape, args, dtype)
             for pp_rank in range(pp):
                 if stage_has(where, pp, pp_rank):
                     out.write(pp_rank, megatron, split_tp(megatron, full, tp))
@@ -75,8 +75,8 @@ def write_torch(root: str, read_hf: Callable[[str], torch.Tensor], shape: LlamaS
         for pp_rank in range(pp):
             for local, layer in enumerate(stage_layers(shape.num_layers, pp, pp_rank)):
                 for megatron, hf_names, combination in LAYER_TABLE:
-                    full = _full_tensor(read_hf, megatron, [hf_layer_name(layer, n) for n in hf_names], combination,
-                                        shape, args, dtype)
+                    full = _full_tensor(read_hf, [hf_layer_name(layer, n) for n in hf_names], combination, shape,
+                                        args, dtype)
                     out.write(pp_rank, megatron_layer_name(local, megatron, args.transformer_impl),
                               split_tp(megatron, full, tp))
                     del full
@@ -123,7 +123,7 @@ def hf_tensor_shape(name: str, shape: LlamaShape) -> tuple[int, ...]:
     return shapes[name.rsplit(".", 2)[-2]]
 
 
-def _full_tensor(read_hf: Callable[[str], torch.Tensor], megatron: str, hf_names: list[str], combination: str,
+def _full_tensor(read_hf: Callable[[str], torch.Tensor], hf_names: list[str], combination: str,
                  shape: LlamaShape, args: argparse.Namespace, dtype: torch.dtype) -> torch.Tensor:
     hf = []
     for name in hf_names:
