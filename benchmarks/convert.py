@@ -15,9 +15,11 @@ Each job reports wall seconds and two peaks of its process tree: anonymous resid
 processes allocated), sampled every 50 ms, and proportional set size (PSS, which also counts the page-cache pages
 of memory-mapped checkpoint files the kernel can reclaim), sampled as often as keeps its page-table walk under a
 tenth of a core (every ~0.4 s for a 6 GB process). The slope of peak against layers (least squares) is what
-extrapolates to Llama-2-70B. Throughput is a ratio: the job's bytes per second over those of a second
-``shutil.copytree`` of the Hugging Face directory (the first warms the page cache), also with the start-up of a
-bare ``python -c "import torch, megatron.core, megatron.training"``, measured beside the jobs, subtracted.
+extrapolates to Llama-2-70B. Throughput is a ratio: the job's bytes per second over those of a page-cache
+``shutil.copytree`` of the Hugging Face directory, timed just before and just after the job, also with the start-up
+of a bare ``python -c "import torch, megatron.core, megatron.training"``, measured beside the jobs, subtracted.
+Every measured run starts after ``os.sync()`` and a few idle seconds (:func:`settle`), and CPU seconds and page
+faults are recorded beside the wall time.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ LLAMA2_70B_LAYERS = 80
 BF16 = 2
 TOOL_SHARD_GB = 5.0  # tools/convert_megatron_to_hf.py's --max-shard-gb default
 STARTUP = [sys.executable, "-c", "import torch, megatron.core, megatron.training"]
+SETTLE_S = 5.0  # idle before each measured run (settle)
 RESULTS = os.path.join(REPO, "benchmarks", "results", "convert_7b.md")
 MIB, GB = 2**20, 1e9
 
@@ -100,16 +103,32 @@ def write_synthetic_hf(path: str, layers: int, seed: int = 0) -> int:
     return total
 
 
-def copy_seconds(src: str, scratch: str, warm: bool) -> float:
-    """Seconds of a page-cache copy of ``src`` (``warm``: one untimed copy first fills the cache)."""
-    if warm:
-        shutil.copytree(src, scratch)
-        shutil.rmtree(scratch)
+def settle() -> None:
+    """What every measured run starts from: no dirty pages (os.sync), then SETTLE_S idle. On a virtual machine
+    whose host takes back idle free memory (this one: free page reporting), the idle also makes the free memory
+    equally cold for the copies and the jobs: the first touch of each page of it is served by the host."""
+    os.sync()
+    time.sleep(SETTLE_S)
+
+
+def copy_seconds(src: str, scratch: str) -> float:
+    """Seconds of a page-cache copy of ``src`` (its pages are cached: it was just written or read)."""
+    settle()
     start = time.perf_counter()
     shutil.copytree(src, scratch)
     seconds = time.perf_counter() - start
     shutil.rmtree(scratch)
     return seconds
+
+
+def fresh_memory_seconds() -> tuple[float, float]:
+    """Seconds to touch 1 GiB of new anonymous memory after SETTLE_S idle, and right after, once more (the pages
+    the first touch freed): the first is what this machine's memory costs a job on its first touch."""
+    settle()
+    code = ("import time, torch\nfor _ in range(2):\n    t = time.perf_counter(); x = torch.ones(2**30, "
+            "dtype=torch.uint8); print(time.perf_counter() - t); del x")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1])
 
 
 @dataclass
@@ -162,11 +181,17 @@ def fit_lines(rows: list[dict]) -> dict:
     return fits
 
 
+def big_copy_rate(rows: list[dict], layers: int) -> float:
+    """GB/s of the copies beside the jobs at ``layers`` (their mean time)."""
+    mine = [r for r in rows if r["layers"] == layers and "copy_s" in r]
+    return mine[0]["gb"] / (sum(r["copy_s"] for r in mine) / len(mine))
+
+
 def yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def report(rows: list[dict], copies: dict, startups: list[dict], shard_gb: float) -> str:
+def report(rows: list[dict], fresh: tuple[float, float], startups: list[dict], shard_gb: float) -> str:
     """The markdown: conditions, the per-job table, the per-layer slopes and the 70B extrapolation."""
     layer7, layer70 = layer_bytes(SEVEN_B), layer_bytes(LLAMA2_70B)
     scale = layer70 / layer7
@@ -177,24 +202,30 @@ def report(rows: list[dict], copies: dict, startups: list[dict], shard_gb: float
            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
            f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; exports with "
            f"--max-shard-gb {shard_gb:g} unless marked. Load average at the end {load[0]:.1f} / {load[1]:.1f} "
-           "(1 / 5 min): other work shared the machine, so times are noisy.",
+           "(1 / 5 min).",
            "",
-           "\"copy\": a page-cache `shutil.copytree` of the HF directory, timed before and after each layer count's "
-           "jobs (mean used): " + "; ".join(f"{n} layers {a:.2f} s, {b:.2f} s" for n, (a, b) in copies.items())
-           + f". \"start-up\": `python -c \"{STARTUP[2]}\"` alone, the mean of one run just before and one just after "
-           f"each job (peak PSS "
-           f"{start_pss:.0f} MiB, anonymous {start_anon:.0f} MiB); \"net\" ratios subtract it from the job's time.",
+           f"Every measured run (copy, start-up, job) starts after `os.sync()` and {SETTLE_S:g} s idle. Touching "
+           f"1 GiB of fresh memory took {fresh[0]:.2f} s after that idle and {fresh[1]:.2f} s right after (the "
+           "pages just freed): where the first is much slower, the host serves the first touch of idle memory, "
+           "and the page cache a copy or a job fills costs that, not the disk or the code. "
+           "\"copy\": `shutil.copytree` of the HF directory (in the page cache), once before and once after each "
+           "job; \"start-up\": `python -c \"" + STARTUP[2] + "\"` alone, once before and once after each job "
+           f"(peak PSS {start_pss:.0f} MiB, anonymous {start_anon:.0f} MiB). A job's ratios use the mean of its "
+           "two neighbours; \"net\" subtracts the start-up from the job's time. user / sys: CPU seconds of the "
+           "job's processes; faults: their minor page faults (each a first touch of a 4 KiB page).",
            "",
-           "| layers | GB | job | s | start-up s | peak PSS MiB | peak anon MiB | GB/s | / copy | net / copy |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| layers | GB | job | s | copy s | start-up s | user s | sys s | faults / GB (k) | peak PSS MiB | "
+           "peak anon MiB | GB/s | / copy | net / copy |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['layers']} | {r['gb']:.2f} | {r['job']} |"
         if "error" in r:
-            out.append(f"{head} failed: {r['error']} |||||||")
+            out.append(f"{head} failed: {r['error']} |||||||||||")
             continue
         net = r["wall_s"] - r["startup_s"]
         net_ratio = f"{r['copy_s'] / net:.3f}" if net > 0 else "n/a (start-up slower than the job)"
-        out.append(f"{head} {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['peak_pss_mib']:.0f} | "
+        out.append(f"{head} {r['wall_s']:.1f} | {r['copy_s']:.1f} | {r['startup_s']:.1f} | {r['user_s']:.1f} | "
+                   f"{r['sys_s']:.1f} | {r['minor_faults'] / r['gb'] / 1e3:.0f} | {r['peak_pss_mib']:.0f} | "
                    f"{r['peak_anon_mib']:.0f} | {r['gb'] / r['wall_s']:.2f} | {r['copy_s'] / r['wall_s']:.3f} | "
                    f"{net_ratio} |")
     fits, counts = fit_lines(rows), sorted({r["layers"] for r in rows})
@@ -220,7 +251,7 @@ def report(rows: list[dict], copies: dict, startups: list[dict], shard_gb: float
                    + " | ".join(spans) + " |")
     total70 = model_bytes(LLAMA2_70B, LLAMA2_70B_LAYERS)
     big = {r["job"]: r for r in rows if r["layers"] == hi and "error" not in r}
-    copy_rate = rows[-1]["gb"] / rows[-1]["copy_s"]
+    copy_rate = big_copy_rate(rows, hi)
     out += ["", f"Llama-2-70B ({LLAMA2_70B_LAYERS} layers of {layer70 / GB:.2f} GB, {total70 / GB:.1f} GB in bf16; "
             f"a 70B layer is {scale:.2f}x a 7B layer): peak = start-up + (fixed - start-up) x {scale:.2f} + "
             f"slope x {scale:.2f} x {LLAMA2_70B_LAYERS}. The slope is the least-squares one above (a negative one "
@@ -270,42 +301,47 @@ def main() -> int:
     counts = sorted(int(x) for x in args.layers.split(","))
     if os.path.exists(args.work_dir):
         p.error(f"--work-dir {args.work_dir} exists: remove it or choose another (it is deleted at the end)")
-    rows, copies, startups = [], {}, []
+    rows, startups = [], []
     run_measured(STARTUP)  # the first start-up reads the libraries from disk: not what the jobs see
+    fresh = fresh_memory_seconds()
+    print(f"1 GiB of fresh memory: {fresh[0]:.2f} s cold, {fresh[1]:.2f} s right after", flush=True)
     try:
         for layers in counts:
             root = os.path.join(args.work_dir, f"l{layers}")
-            hf = os.path.join(root, "hf")
+            hf, scratch = os.path.join(root, "hf"), os.path.join(root, "copy")
             size = write_synthetic_hf(hf, layers)
-            before = copy_seconds(hf, os.path.join(root, "copy"), warm=True)
-            print(f"{layers} layers ({size / GB:.2f} GB): copy {before:.2f} s", flush=True)
-            first = len(rows)
+            copies = [copy_seconds(hf, scratch)]
+            print(f"{layers} layers ({size / GB:.2f} GB): copy {copies[0]:.2f} s", flush=True)
             with_default = layers == counts[-1] and args.max_shard_gb != TOOL_SHARD_GB
+            settle()
             startups.append(run_measured(STARTUP))
             for job in jobs_for(root, hf, args.tp, args.max_shard_gb, with_default):
                 row = dict(layers=layers, gb=size / GB, job=job.name)
+                settle()
                 try:
                     row.update(run_measured(job.command))
                 except RuntimeError as e:  # a broken direction is reported, the others still measured
                     row["error"] = str(e).strip().splitlines()[-1][:200]
                     print(f"  {job.name:<32} FAILED: {e}", flush=True)
-                # A start-up on each side of every job (shared with its neighbours): their mean is this job's.
-                startups.append(run_measured(STARTUP))
-                row["startup_s"] = (startups[-2]["wall_s"] + startups[-1]["wall_s"]) / 2
-                if "error" not in row:
-                    print(f"  {job.name:<32} {row['wall_s']:6.1f} s (start-up {row['startup_s']:4.1f} s)  peak PSS "
-                          f"{row['peak_pss_mib']:6.0f} MiB  anon {row['peak_anon_mib']:6.0f} MiB", flush=True)
-                rows.append(row)
                 for path in job.delete:
                     shutil.rmtree(path, ignore_errors=True)
-            after = copy_seconds(hf, os.path.join(root, "copy"), warm=False)
-            copies[layers] = (before, after)
-            for row in rows[first:]:
-                row["copy_s"] = (before + after) / 2
+                # A start-up and a copy on each side of every job (shared with its neighbours): their means are
+                # this job's, so that a job is compared with what the machine did just then.
+                settle()
+                startups.append(run_measured(STARTUP))
+                copies.append(copy_seconds(hf, scratch))
+                row["startup_s"] = (startups[-2]["wall_s"] + startups[-1]["wall_s"]) / 2
+                row["copy_s"] = (copies[-2] + copies[-1]) / 2
+                if "error" not in row:
+                    print(f"  {job.name:<32} {row['wall_s']:6.1f} s (start-up {row['startup_s']:4.1f} s, copy "
+                          f"{copies[-2]:.1f} / {copies[-1]:.1f} s)  user {row['user_s']:5.1f} s  sys "
+                          f"{row['sys_s']:5.1f} s  peak PSS {row['peak_pss_mib']:6.0f} MiB  anon "
+                          f"{row['peak_anon_mib']:6.0f} MiB", flush=True)
+                rows.append(row)
             shutil.rmtree(root)
     finally:
         shutil.rmtree(args.work_dir, ignore_errors=True)
-    text = report(rows, copies, startups, args.max_shard_gb)
+    text = report(rows, fresh, startups, args.max_shard_gb)
     print("\n" + text, end="")
     if args.write_results:
         with open(args.write_results, "w") as f:
