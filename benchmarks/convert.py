@@ -104,9 +104,8 @@ def write_synthetic_hf(path: str, layers: int, seed: int = 0) -> int:
 
 
 def settle() -> None:
-    """What every measured run starts from: no dirty pages (os.sync), then SETTLE_S idle. On a virtual machine
-    whose host takes back idle free memory (this one: free page reporting), the idle also makes the free memory
-    equally cold for the copies and the jobs: the first touch of each page of it is served by the host."""
+    """What every measured run starts from: no dirty pages (os.sync), then SETTLE_S idle (the previous run's
+    writeback and freed memory done with: on this virtual machine the host takes back idle free memory)."""
     os.sync()
     time.sleep(SETTLE_S)
 
@@ -121,14 +120,23 @@ def copy_seconds(src: str, scratch: str) -> float:
     return seconds
 
 
-def fresh_memory_seconds() -> tuple[float, float]:
-    """Seconds to touch 1 GiB of new anonymous memory after SETTLE_S idle, and right after, once more (the pages
-    the first touch freed): the first is what this machine's memory costs a job on its first touch."""
-    settle()
-    code = ("import time, torch\nfor _ in range(2):\n    t = time.perf_counter(); x = torch.ones(2**30, "
-            "dtype=torch.uint8); print(time.perf_counter() - t); del x")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return float(out[0]), float(out[1])
+def write_seconds(scratch: str, size: int = 512 * MIB) -> dict[int, float]:
+    """Seconds to write ``size`` bytes from memory into a new file, in pieces of 1 and of 16 MiB (the files kept
+    until both are written): where 16 MiB pieces are much slower, the page cache's 2 MiB folios are served by the
+    host (megatron_harpe/convert/file_io.py), what the converters' capped writes avoid."""
+    data = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
+    seconds = {}
+    os.makedirs(scratch)
+    for piece in (MIB, 16 * MIB):
+        settle()
+        start = time.perf_counter()
+        fd = os.open(os.path.join(scratch, str(piece)), os.O_WRONLY | os.O_CREAT)
+        for offset in range(0, size, piece):
+            os.write(fd, data[offset:offset + piece])
+        os.close(fd)
+        seconds[piece] = time.perf_counter() - start
+    shutil.rmtree(scratch)
+    return seconds
 
 
 @dataclass
@@ -191,7 +199,7 @@ def yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
 
-def report(rows: list[dict], fresh: tuple[float, float], startups: list[dict], shard_gb: float) -> str:
+def report(rows: list[dict], writes: dict[int, float], startups: list[dict], shard_gb: float) -> str:
     """The markdown: conditions, the per-job table, the per-layer slopes and the 70B extrapolation."""
     layer7, layer70 = layer_bytes(SEVEN_B), layer_bytes(LLAMA2_70B)
     scale = layer70 / layer7
@@ -204,10 +212,11 @@ def report(rows: list[dict], fresh: tuple[float, float], startups: list[dict], s
            f"--max-shard-gb {shard_gb:g} unless marked. Load average at the end {load[0]:.1f} / {load[1]:.1f} "
            "(1 / 5 min).",
            "",
-           f"Every measured run (copy, start-up, job) starts after `os.sync()` and {SETTLE_S:g} s idle. Touching "
-           f"1 GiB of fresh memory took {fresh[0]:.2f} s after that idle and {fresh[1]:.2f} s right after (the "
-           "pages just freed): where the first is much slower, the host serves the first touch of idle memory, "
-           "and the page cache a copy or a job fills costs that, not the disk or the code. "
+           f"Every measured run (copy, start-up, job) starts after `os.sync()` and {SETTLE_S:g} s idle. 512 MiB "
+           f"written from memory into a new file took {writes[MIB]:.2f} s in 1 MiB writes and "
+           f"{writes[16 * MIB]:.2f} s in 16 MiB writes: where the second is much slower, this machine's host serves "
+           "the page cache's 2 MiB folios (`megatron_harpe/convert/file_io.py`; the converters write at most 1 MiB "
+           "a call). "
            "\"copy\": `shutil.copytree` of the HF directory (in the page cache), once before and once after each "
            "job; \"start-up\": `python -c \"" + STARTUP[2] + "\"` alone, once before and once after each job "
            f"(peak PSS {start_pss:.0f} MiB, anonymous {start_anon:.0f} MiB). A job's ratios use the mean of its "
@@ -303,9 +312,10 @@ def main() -> int:
         p.error(f"--work-dir {args.work_dir} exists: remove it or choose another (it is deleted at the end)")
     rows, startups = [], []
     run_measured(STARTUP)  # the first start-up reads the libraries from disk: not what the jobs see
-    fresh = fresh_memory_seconds()
-    print(f"1 GiB of fresh memory: {fresh[0]:.2f} s cold, {fresh[1]:.2f} s right after", flush=True)
     try:
+        writes = write_seconds(os.path.join(args.work_dir, "writes"))
+        print(f"512 MiB into a new file: {writes[MIB]:.2f} s in 1 MiB writes, {writes[16 * MIB]:.2f} s in 16 MiB",
+              flush=True)
         for layers in counts:
             root = os.path.join(args.work_dir, f"l{layers}")
             hf, scratch = os.path.join(root, "hf"), os.path.join(root, "copy")
@@ -341,7 +351,7 @@ def main() -> int:
             shutil.rmtree(root)
     finally:
         shutil.rmtree(args.work_dir, ignore_errors=True)
-    text = report(rows, fresh, startups, args.max_shard_gb)
+    text = report(rows, writes, startups, args.max_shard_gb)
     print("\n" + text, end="")
     if args.write_results:
         with open(args.write_results, "w") as f:

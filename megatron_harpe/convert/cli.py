@@ -134,6 +134,8 @@ def megatron_to_hf(argv: list[str] | None = None) -> int:
         from megatron_harpe.convert.hf_checkpoint import (
             DTYPES,
             HFWriter,
+            hf_tensor_shape,
+            required_hf_names,
             tokenizer_special_ids,
             tokenizer_vocab_size,
             write_hf_config,
@@ -168,12 +170,14 @@ def megatron_to_hf(argv: list[str] | None = None) -> int:
         dtype = args.dtype or run_dtype(margs)
         special = tokenizer_special_ids(args.tokenizer_model) if args.tokenizer_model else None
         with atomic_output_dir(args.out, force=args.force, tool="convert_megatron_to_hf", inputs=inputs) as tmp:
-            writer = HFWriter(tmp, int(args.max_shard_gb * 2**30))
-            with _progress(None, "exporting") as bar:
+            names = required_hf_names(shape)
+            with (HFWriter(tmp, [(n, hf_tensor_shape(n, shape)) for n in names], DTYPES[dtype],
+                           int(args.max_shard_gb * 2**30)) as writer,
+                  _progress(len(names), "exporting") as bar):
                 for name, tensor in hf_tensors(megatron_full_tensors(path, fmt, margs, args.allow_pickle), shape):
                     writer.add(name, tensor.to(DTYPES[dtype]))
                     bar.update(1)
-            writer.finish()
+                writer.finish()
             if args.tokenizer_model:  # before config.json: transformers would ask to trust a HARPE config's code
                 write_hf_tokenizer(tmp, args.tokenizer_model)
             write_hf_config(tmp, shape, dtype, bases, special)

@@ -1,13 +1,16 @@
-"""Hugging Face Llama checkpoints: read lazily (safetensors), write in shards with an index, config and tokenizer."""
+"""Hugging Face Llama checkpoints: read lazily (safetensors); written as safetensors shards laid out before the
+first tensor arrives, with the index, config and tokenizer."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
 import torch
 
+from megatron_harpe.convert.file_io import pwrite_all
 from megatron_harpe.convert.mapping import GLOBAL_TABLE, LAYER_TABLE, ConversionError, hf_layer_name
 from megatron_harpe.convert.rope_scaling import hf_rope_parameters
 from megatron_harpe.shape import LlamaShape, ShapeError
@@ -97,42 +100,91 @@ class HFCheckpoint:
             raise ConversionError(f"{file}: cannot read {name} ({e}): the shard is corrupted, re-download it") from None
 
 
-class HFWriter:
-    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` and the index Hugging Face reads."""
+def hf_tensor_shape(name: str, shape: LlamaShape) -> tuple[int, ...]:
+    """The shape config.json gives the Hugging Face tensor ``name`` (a name of the mapping's tables)."""
+    h, ffn, q, kv = shape.hidden_size, shape.ffn_hidden_size, shape.query_width, shape.key_value_width // 2
+    shapes = {"embed_tokens": (shape.vocab_size, h), "lm_head": (shape.vocab_size, h), "q_proj": (q, h),
+              "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (ffn, h), "up_proj": (ffn, h),
+              "down_proj": (h, ffn), "norm": (h,), "input_layernorm": (h,), "post_attention_layernorm": (h,)}
+    return shapes[name.rsplit(".", 2)[-2]]
 
-    def __init__(self, out_dir: str, max_shard_bytes: int = 5 * 2**30):
-        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.total_bytes = 0  # tensor bytes, the index's total_size (as transformers writes it), not file bytes
-        self.shards: list[list[str]] = []
+
+SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+class HFWriter:
+    """Safetensors shards of at most ``max_shard_bytes`` and the index Hugging Face reads, laid out before any
+    tensor arrives: each shard's header is written and its size set first, and each tensor goes into its place
+    when it comes (in any order), so no shard is held in memory (safetensors' save_file takes a whole file's
+    tensors at once: with 5 GB shards the largest buffer of a 70B export). A context manager: its files close
+    on the way out; :meth:`finish` names them and writes the index."""
+
+    def __init__(self, out_dir: str, tensors: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                 max_shard_bytes: int = 5 * 2**30):
+        self.out_dir, self.dtype = out_dir, dtype
+        size = torch.empty((), dtype=dtype).element_size()
+        shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+        shard_bytes = 0
+        for name, tensor_shape in tensors:
+            nbytes = size * math.prod(tensor_shape)
+            if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
+                shards.append([])
+                shard_bytes = 0
+            shards[-1].append((name, tensor_shape))
+            shard_bytes += nbytes
+        self.shards = [[name for name, _ in shard] for shard in shards]
+        self.total_bytes = sum(size * math.prod(s) for _, s in tensors)  # the index's total_size: tensor bytes
+        self.slots: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # name -> (file, byte offset, shape)
+        self.fds: list[int] = []
+        for i, shard in enumerate(shards):
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for name, tensor_shape in shard:
+                end = offset + size * math.prod(tensor_shape)
+                header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor_shape),
+                                "data_offsets": [offset, end]}
+                offset = end
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+            fd = os.open(self._temp(i), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            self.fds.append(fd)
+            pwrite_all(fd, memoryview(len(encoded).to_bytes(8, "little") + encoded), 0)
+            os.ftruncate(fd, 8 + len(encoded) + offset)
+            for name, tensor_shape in shard:
+                self.slots[name] = (fd, 8 + len(encoded) + header[name]["data_offsets"][0], tensor_shape)
+
+    def _temp(self, i: int) -> str:
+        return os.path.join(self.out_dir, f"shard-{i}.tmp")
+
+    def __enter__(self) -> HFWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        save_file(self.pending, os.path.join(self.out_dir, f"shard-{len(self.shards)}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        if name not in self.slots:
+            raise ConversionError(f"{name}: not a tensor of this model, or given twice")
+        fd, offset, expected = self.slots.pop(name)
+        if tuple(tensor.shape) != expected or tensor.dtype != self.dtype:
+            raise ConversionError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, the checkpoint's sizes give "
+                                  f"{expected} {self.dtype}: the checkpoint does not match its args")
+        pwrite_all(fd, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
 
     def finish(self) -> None:
-        if self.pending:
-            self._flush()
+        if self.slots:
+            raise ConversionError(f"{len(self.slots)} tensors never came (first: {next(iter(self.slots))}): the "
+                                  "checkpoint is incomplete")
+        self.__exit__()
         total = len(self.shards)
         if total == 1:
-            os.replace(os.path.join(self.out_dir, "shard-0.tmp"), os.path.join(self.out_dir, "model.safetensors"))
+            os.replace(self._temp(0), os.path.join(self.out_dir, "model.safetensors"))
             return
         weight_map = {}
         for i, names in enumerate(self.shards):
             final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, f"shard-{i}.tmp"), os.path.join(self.out_dir, final))
+            os.replace(self._temp(i), os.path.join(self.out_dir, final))
             weight_map.update(dict.fromkeys(names, final))
         with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)

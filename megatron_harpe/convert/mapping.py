@@ -158,6 +158,23 @@ def hf_layer_name(layer: int, name: str) -> str:
     return f"model.layers.{layer}.{name}"
 
 
+_GLOBAL_ROWS = {megatron: ((hf,), combination) for megatron, hf, combination, _ in GLOBAL_TABLE}
+_LAYER_ROWS = {megatron: (hf_names, combination) for megatron, hf_names, combination in LAYER_TABLE}
+
+
+def hf_source(megatron_name: str) -> tuple[list[str], str]:
+    """``(Hugging Face names, combination)`` of a full (TP=1/PP=1) megatron tensor, either spec's spelling."""
+    if megatron_name in _GLOBAL_ROWS:
+        hf_names, combination = _GLOBAL_ROWS[megatron_name]
+        return list(hf_names), combination
+    parsed = parse_layer_key(megatron_name)
+    if parsed is None or parsed[1] not in _LAYER_ROWS:
+        raise ConversionError(f"unexpected tensor {megatron_name} in the checkpoint: not a Llama parameter")
+    layer, local = parsed
+    hf_names, combination = _LAYER_ROWS[local]
+    return [hf_layer_name(layer, n) for n in hf_names], combination
+
+
 def full_megatron_state(read_hf: Callable[[str], Tensor], shape: LlamaShape, padded_vocab: int) -> dict[str, Tensor]:
     """The whole TP=1/PP=1 megatron state dict from ``read_hf(name) -> Tensor`` (tests and torch_dist)."""
     state = {}

@@ -12,8 +12,7 @@ from collections.abc import Iterator
 import torch
 
 from megatron_harpe.convert.hf_checkpoint import DTYPES
-from megatron_harpe.convert.mapping import (GLOBAL_TABLE, LAYER_TABLE, ConversionError, hf_layer_name,
-                                           parse_layer_key, to_hf)
+from megatron_harpe.convert.mapping import ConversionError, hf_source, to_hf
 from megatron_harpe.shape import LlamaShape, ShapeError
 
 # Llama-2's architecture beyond its sizes and RoPE, as megatron spells it; dropout off (conversion trains nothing).
@@ -84,17 +83,6 @@ def megatron_full_tensors(path: str, fmt: str, args: argparse.Namespace,
 
 def hf_tensors(megatron: Iterator[tuple[str, torch.Tensor]], shape: LlamaShape) -> Iterator[tuple[str, torch.Tensor]]:
     """Hugging Face ``(name, tensor)`` from full megatron tensors (any order)."""
-    layer_rows = {m: (hf, c) for m, hf, c in LAYER_TABLE}
-    global_rows = {m: (hf, c) for m, hf, c, _ in GLOBAL_TABLE}
     for name, tensor in megatron:
-        if name in global_rows:
-            hf, combination = global_rows[name]
-            yield hf, to_hf(combination, tensor, shape)[0]
-            continue
-        parsed = parse_layer_key(name)
-        if parsed is None or parsed[1] not in layer_rows:
-            raise ConversionError(f"unexpected tensor {name} in the checkpoint: not a Llama parameter")
-        layer, local_name = parsed
-        hf_names, combination = layer_rows[local_name]
-        for hf_name, part in zip(hf_names, to_hf(combination, tensor, shape)):
-            yield hf_layer_name(layer, hf_name), part
+        hf_names, combination = hf_source(name)
+        yield from zip(hf_names, to_hf(combination, tensor, shape))

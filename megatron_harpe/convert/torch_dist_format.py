@@ -22,7 +22,8 @@ import torch
 
 from megatron_harpe.checkpoint_layout import load_torch_dist, release_dir, write_release_tracker
 from megatron_harpe.checkpoint_model import meta_model
-from megatron_harpe.convert.mapping import GLOBAL_TABLE, LAYER_TABLE, hf_layer_name, parse_layer_key, to_megatron
+from megatron_harpe.convert.file_io import open_capped_writer
+from megatron_harpe.convert.mapping import hf_source, to_megatron
 from megatron_harpe.convert.torch_format import without_crc32
 from megatron_harpe.shape import LlamaShape
 
@@ -61,6 +62,7 @@ def write_torch_dist(root: str, read_hf: Callable[[str], torch.Tensor], shape: L
         # device-to-host copies, and would make several chunks ahead of the file write)
         writer = dcp.FileSystemWriter(path, thread_count=WRITER_THREADS, single_file_per_rank=True,
                                       per_thread_copy_ahead=0)
+        writer.fs = _capped_file_system()
         with without_crc32():  # DCP stores each chunk with torch.save
             dcp.save(mcore_to_pyt_state_dict(flat, False), storage_writer=writer, planner=_lazy_planner(source))
         save_config(CheckpointingConfig("torch_dist", 1), path)  # metadata.json: last, as megatron's finalize
@@ -90,8 +92,6 @@ class _ChunkSource:
                  dtype: torch.dtype, progress: Callable[[int], None]):
         self.chunk_names, self.read_hf, self.shape, self.padded_vocab, self.dtype = (
             chunk_names, read_hf, shape, padded_vocab, dtype)
-        self.global_rows = {m: (hf, c) for m, hf, c, _ in GLOBAL_TABLE}
-        self.layer_rows = {m: (hf, c) for m, hf, c in LAYER_TABLE}
         self.chunks_left: dict[str, int] = {}
         for name, _ in chunk_names.values():
             self.chunks_left[name] = self.chunks_left.get(name, 0) + 1
@@ -100,13 +100,7 @@ class _ChunkSource:
     def __call__(self, fqn: str, offsets, sizes, stored_dtype: torch.dtype) -> torch.Tensor:
         name, prepend = self.chunk_names[fqn, tuple(offsets)]
         offsets, local_sizes = offsets[prepend:], sizes[prepend:]
-        if name in self.global_rows:
-            hf, combination = self.global_rows[name]
-            hf_names = [hf]
-        else:
-            layer, local = parse_layer_key(name)
-            hf_names, combination = self.layer_rows[local]
-            hf_names = [hf_layer_name(layer, n) for n in hf_names]
+        hf_names, combination = hf_source(name)
         if combination == "gate_up" and local_sizes[0] == self.shape.ffn_hidden_size:
             hf_names, combination = [hf_names[offsets[0] // local_sizes[0]]], "same"  # [gate; up]: one of them
             offsets = (0, *offsets[1:])
@@ -120,6 +114,26 @@ class _ChunkSource:
                 self.progress(1)
         # A view of a larger storage: torch's loader clones it to the chunk's own (filesystem.py _SerialCpuLoader).
         return tensor.reshape(sizes)
+
+
+def _capped_file_system():
+    """torch's FileSystem, its write streams making system calls of at most file_io.WRITE_CHUNK bytes (torch.save
+    writes each chunk's storage in one call)."""
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class CappedWritesFileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, path, mode):
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with open_capped_writer(path) as stream:
+                yield stream
+
+    return CappedWritesFileSystem()
 
 
 def _lazy_planner(source: _ChunkSource):

@@ -28,6 +28,8 @@ from megatron_harpe.checkpoint_layout import (
     torch_rank_files,
     write_release_tracker,
 )
+from megatron_harpe.convert.file_io import pread_all, pwrite_all
+from megatron_harpe.convert.hf_checkpoint import hf_tensor_shape
 from megatron_harpe.convert.mapping import (
     EXTRA_STATE_MODULES,
     GLOBAL_TABLE,
@@ -114,15 +116,6 @@ def _rank_skeleton(shape: LlamaShape, args: argparse.Namespace, dtype: torch.dty
     return {"args": args, "checkpoint_version": 3.0, "iteration": 0, "model": state}
 
 
-def hf_tensor_shape(name: str, shape: LlamaShape) -> tuple[int, ...]:
-    """The shape config.json gives the Hugging Face tensor ``name`` (a name of the mapping's tables)."""
-    h, ffn, q, kv = shape.hidden_size, shape.ffn_hidden_size, shape.query_width, shape.key_value_width // 2
-    shapes = {"embed_tokens": (shape.vocab_size, h), "lm_head": (shape.vocab_size, h), "q_proj": (q, h),
-              "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q), "gate_proj": (ffn, h), "up_proj": (ffn, h),
-              "down_proj": (h, ffn), "norm": (h,), "input_layernorm": (h,), "post_attention_layernorm": (h,)}
-    return shapes[name.rsplit(".", 2)[-2]]
-
-
 def _full_tensor(read_hf: Callable[[str], torch.Tensor], hf_names: list[str], combination: str,
                  shape: LlamaShape, args: argparse.Namespace, dtype: torch.dtype) -> torch.Tensor:
     hf = []
@@ -170,30 +163,16 @@ class _RankFiles:
         offset, nbytes = self.slots[rank][key]
         data = memoryview(part.contiguous().reshape(-1).view(torch.uint8).numpy())
         assert data.nbytes == nbytes, (key, data.nbytes, nbytes)  # the skeleton came from the same mapping
-        _pwrite_all(self.fds[rank], data, offset)
+        pwrite_all(self.fds[rank], data, offset)
 
 
 def _pread_chunks(pool: ThreadPoolExecutor, fd: int, data: memoryview, offset: int) -> None:
     """Fill ``data`` from ``fd`` at ``offset`` in IO_CHUNK pieces on the pool's threads (reads of one file run side
     by side: os calls release the GIL); returns when all are done, raising the first error."""
-    futures = [pool.submit(_pread_all, fd, data[start:start + IO_CHUNK], offset + start)
+    futures = [pool.submit(pread_all, fd, data[start:start + IO_CHUNK], offset + start)
                for start in range(0, data.nbytes, IO_CHUNK)]
     for future in futures:
         future.result()
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:  # Linux writes at most ~2 GiB per call
-        written = os.pwrite(fd, data, offset)
-        data, offset = data[written:], offset + written
-
-
-def _pread_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        read = os.preadv(fd, [data], offset)
-        if read == 0:
-            raise EOFError(f"{data.nbytes} bytes missing at offset {offset}")
-        data, offset = data[read:], offset + read
 
 
 @contextlib.contextmanager
