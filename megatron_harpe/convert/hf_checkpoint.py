@@ -136,11 +136,19 @@ class HFWriter:
         self.total_bytes = sum(size * math.prod(s) for _, s in tensors)  # the index's total_size: tensor bytes
         self.slots: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # name -> (file, byte offset, shape)
         self.fds: list[int] = []
+        try:
+            self._lay_out(shards, size)
+        except BaseException:  # a full disk while laying out: no descriptor left open
+            self.__exit__()
+            raise
+
+    def _lay_out(self, shards: list[list[tuple[str, tuple[int, ...]]]], size: int) -> None:
+        """Each shard's file: its header, its size set (sparse until filled), its tensors' slots."""
         for i, shard in enumerate(shards):
             header, offset = {"__metadata__": {"format": "pt"}}, 0
             for name, tensor_shape in shard:
                 end = offset + size * math.prod(tensor_shape)
-                header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor_shape),
+                header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(tensor_shape),
                                 "data_offsets": [offset, end]}
                 offset = end
             encoded = json.dumps(header, separators=(",", ":")).encode()

@@ -90,3 +90,21 @@ def test_refusals(tmp_path):
         with pytest.raises(ConversionError, match=r"3 tensors never came \(first: d.weight\)"):
             writer.finish()
     assert not [f for f in os.listdir(tmp_path) if not f.endswith(".tmp")]  # nothing named as finished
+
+
+def test_a_full_disk_while_laying_out_leaves_no_file_open(tmp_path, monkeypatch):
+    import errno
+
+    ftruncate, calls = os.ftruncate, []
+
+    def full_on_the_second(fd, size):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return ftruncate(fd, size)
+
+    monkeypatch.setattr(os, "ftruncate", full_on_the_second)
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="No space"):
+        HFWriter(str(tmp_path), SHAPES, torch.float32, 64)
+    assert len(os.listdir("/proc/self/fd")) == open_before
