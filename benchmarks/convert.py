@@ -267,8 +267,8 @@ def report(rows: list[dict], writes: dict[int, float], startups: list[dict], sha
             "counts as 0); the fixed part is that line's value at 0 layers, raised until the line bounds every "
             "measured peak: the imports plus the buffers of a layer or a tensor in flight, which grow with a "
             f"layer's size, not with the count; the slope scales the same way. An export with {TOOL_SHARD_GB:g} GB "
-            f"shards adds its measured difference to the small-shard export at {hi} layers (the shard buffer has a "
-            "fixed size). "
+            f"shards adds its measured difference to the small-shard export at {hi} layers (what a shard's size "
+            "costs does not grow with the count). "
             f"Minutes = start-up + bytes at the {hi}-layer rate net of start-up (the page-cache copy's {hi}-layer "
             f"rate would take {total70 / GB / copy_rate / 60:.1f} min, a lower bound: 70B does not fit the page "
             "cache).", "",
