@@ -873,8 +873,11 @@ def test_interrupt_stops_the_step_skips_the_rest_and_prints_the_table(tmp_path):
     out = tmp_path / "check"
     stdout = tmp_path / "stdout"
     with open(stdout, "w") as f:
+        # SIGINT at its default in the script: a suite started in the background (`cmd &` in a script) has it
+        # ignored, and bash cannot trap a signal ignored on entry
         proc = subprocess.Popen([SCRIPT, str(out)], stdout=f, stderr=subprocess.STDOUT,
-                                env=script_env(python=fake_python(tmp_path, rope_sleep=60)))
+                                env=script_env(python=fake_python(tmp_path, rope_sleep=60)),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + HANG_GUARD_S
         while "--- rope benchmark" not in stdout.read_text() and time.monotonic() < deadline:
