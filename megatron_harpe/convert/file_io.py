@@ -13,7 +13,15 @@ from __future__ import annotations
 import io
 import os
 
+import torch
+
 WRITE_CHUNK = 2**20
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The bytes of ``tensor`` in row-major order: its own memory when contiguous (writable, a read target),
+    else a contiguous copy's."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from megatron_harpe.convert.file_io import pwrite_all
+from megatron_harpe.convert.file_io import pwrite_all, tensor_bytes
 from megatron_harpe.convert.mapping import GLOBAL_TABLE, LAYER_TABLE, ConversionError, hf_layer_name
 from megatron_harpe.convert.rope_scaling import hf_rope_parameters
 from megatron_harpe.shape import LlamaShape, ShapeError
@@ -124,7 +124,7 @@ class HFWriter:
         self.out_dir, self.dtype = out_dir, dtype
         size = torch.empty((), dtype=dtype).element_size()
         shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-        shard_bytes = 0
+        shard_bytes = self.total_bytes = 0  # total: the index's total_size, tensor bytes (not file bytes)
         for name, tensor_shape in tensors:
             nbytes = size * math.prod(tensor_shape)
             if shards[-1] and shard_bytes + nbytes > max_shard_bytes:
@@ -132,8 +132,8 @@ class HFWriter:
                 shard_bytes = 0
             shards[-1].append((name, tensor_shape))
             shard_bytes += nbytes
+            self.total_bytes += nbytes
         self.shards = [[name for name, _ in shard] for shard in shards]
-        self.total_bytes = sum(size * math.prod(s) for _, s in tensors)  # the index's total_size: tensor bytes
         self.slots: dict[str, tuple[int, int, tuple[int, ...]]] = {}  # name -> (file, byte offset, shape)
         self.fds: list[int] = []
         try:
@@ -178,7 +178,7 @@ class HFWriter:
         if tuple(tensor.shape) != expected or tensor.dtype != self.dtype:
             raise ConversionError(f"{name}: {tuple(tensor.shape)} {tensor.dtype}, the checkpoint's sizes give "
                                   f"{expected} {self.dtype}: the checkpoint does not match its args")
-        pwrite_all(fd, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()), offset)
+        pwrite_all(fd, tensor_bytes(tensor), offset)
 
     def finish(self) -> None:
         if self.slots:

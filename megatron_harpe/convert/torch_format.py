@@ -28,7 +28,7 @@ from megatron_harpe.checkpoint_layout import (
     torch_rank_files,
     write_release_tracker,
 )
-from megatron_harpe.convert.file_io import pread_all, pwrite_all
+from megatron_harpe.convert.file_io import pread_all, pwrite_all, tensor_bytes
 from megatron_harpe.convert.hf_checkpoint import hf_tensor_shape
 from megatron_harpe.convert.mapping import (
     EXTRA_STATE_MODULES,
@@ -161,7 +161,7 @@ class _RankFiles:
 
     def _write_part(self, rank: tuple[int, int], key: str, part: torch.Tensor) -> None:
         offset, nbytes = self.slots[rank][key]
-        data = memoryview(part.contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = tensor_bytes(part)
         assert data.nbytes == nbytes, (key, data.nbytes, nbytes)  # the skeleton came from the same mapping
         pwrite_all(self.fds[rank], data, offset)
 
@@ -240,7 +240,7 @@ def _read_tensor(pool: ThreadPoolExecutor, fd: int, file: str, key: str, meta: o
                               "from where it was saved")
     out = torch.empty(extent, dtype=meta.dtype)
     try:
-        _pread_chunks(pool, fd, memoryview(out.view(torch.uint8).numpy()),
+        _pread_chunks(pool, fd, tensor_bytes(out),
                       storage._checkpoint_offset + meta.storage_offset() * size)
     except EOFError as e:
         raise CheckpointError(f"{file} is truncated ({key}: {e}): re-copy the checkpoint from where it was "
